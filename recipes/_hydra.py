@@ -1,0 +1,38 @@
+"""Hydra glue shared by the recipe command lines: a typed schema per recipe + configs/*.yaml."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
+    """Parse ``key=value`` overrides against ``config_cls`` and run ``main``.
+
+    The dataclass is registered as the schema ``<name>_schema``: unknown keys and values of the
+    wrong type are rejected by Hydra with the offending key named.
+    """
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
+
+    @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=name)
+    def _cli(cfg: DictConfig) -> None:
+        try:
+            config = OmegaConf.to_object(cfg)
+        except MissingMandatoryValue as e:
+            key = e.full_key or "a required field"
+            print(f"error: {key} is required (e.g. {key}=./runs/my_run)", file=sys.stderr)
+            sys.exit(2)
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        main(config)
+
+    _cli()

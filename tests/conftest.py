@@ -1,0 +1,49 @@
+"""Shared fixtures. Every test session gets its own cache and store, so tests never touch (or
+depend on) ~/.cache/homefire, and subprocesses launched by tests inherit the same settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TEST_MODEL = "homefire/tiny-qwen3-test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("HOMEFIRE_TEST_SESSION_DIR"):
+        return  # already set by a parent pytest (xdist workers, nested runs)
+    session_dir = tempfile.mkdtemp(prefix="homefire-tests-")
+    os.environ["HOMEFIRE_TEST_SESSION_DIR"] = session_dir
+    os.environ["HOMEFIRE_CACHE_DIR"] = os.path.join(session_dir, "cache")
+    os.environ["HOMEFIRE_STORAGE_ROOT"] = os.path.join(session_dir, "default-store")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config.add_cleanup(lambda: shutil.rmtree(session_dir, ignore_errors=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The built-in unit-test model (~0.3M params), built once per session."""
+    from training.sdk.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(TEST_MODEL)
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> str:
+    return str(tmp_path / "store")
+
+
+@pytest.fixture
+def make_client(store_root: str, tiny_model_dir: Path):
+    """Factory: a fresh training client on the test model (fp32, its own service)."""
+    from training.sdk import ServiceClient
+
+    def _make(root: str | None = None, **kwargs):
+        service = ServiceClient(root or store_root, mixed_precision="no", device="cpu")
+        return service.create_training_client(TEST_MODEL, **kwargs)
+
+    return _make

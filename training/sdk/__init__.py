@@ -1,0 +1,35 @@
+"""The local stand-in for the hosted training service, with the hosted SDK's names.
+
+Import from here only (``from training.sdk import ServiceClient, Datum, ...``): a script written
+against the hosted SDK ports by changing its imports.
+"""
+
+from training.sdk.registry import FireworksClient, ModelRegistry, validate_output_model_id
+from training.sdk.service_client import FiretitanServiceClient, ServiceClient
+from training.sdk.store import CheckpointStore, StoreError
+from training.sdk.training_client import TrainingClient
+from training.sdk.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    GradAccNormalization,
+    LoadStateResponse,
+    ModelInput,
+    OptimStepResponse,
+    SaveSamplerResult,
+    SaveStateResponse,
+    SaveWeightsForSamplerResponse,
+    TensorData,
+    datum_from_model_input_weights,
+)
+
+FiretitanTrainingClient = TrainingClient
+
+__all__ = [
+    "AdamParams", "CheckpointStore", "Datum", "EncodedTextChunk", "FiretitanServiceClient",
+    "FiretitanTrainingClient", "FireworksClient", "ForwardBackwardOutput", "GradAccNormalization",
+    "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
+    "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
+    "TensorData", "TrainingClient", "datum_from_model_input_weights", "validate_output_model_id",
+]

@@ -1,0 +1,85 @@
+"""Where model weights and tokenizers come from.
+
+``base_model`` / ``tokenizer_model`` accept, in this order of precedence:
+
+1. a built-in tiny model name (``homefire/tiny-qwen3``, ...; built offline on first use);
+2. a local directory in Hugging Face format;
+3. a promoted model of the local registry, ``accounts/<account>/models/<id>``;
+4. a Hugging Face hub id, loaded with the standard ``from_pretrained`` path (needs the hub or a
+   populated HF cache).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from training.sdk.store import CheckpointStore
+from training.sdk.tiny_model import TINY_MODELS, ensure_tiny_model, is_tiny_model
+
+_REGISTRY_NAME_RE = re.compile(r"^accounts/([^/]+)/models/([^/]+)$")
+
+
+class ModelLoadError(ValueError):
+    """A base model or tokenizer could not be found or loaded."""
+
+
+@contextmanager
+def model_source(name: str, store: CheckpointStore | None = None) -> Iterator[str]:
+    """Yield something ``from_pretrained`` accepts (a local directory or a hub id) for ``name``."""
+    if not name:
+        raise ModelLoadError("no model given: set base_model (a local HF directory, a hub id, "
+                             f"or a built-in tiny model: {', '.join(TINY_MODELS)})")
+    if is_tiny_model(name):
+        yield str(ensure_tiny_model(name))
+        return
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        yield os.path.abspath(expanded)
+        return
+    match = _REGISTRY_NAME_RE.match(name)
+    if match and store is not None:
+        model_dir = store.model_dir(match.group(1), match.group(2))
+        if store.read_meta(model_dir) is not None:
+            with store.local_copy(model_dir) as local:
+                yield local
+            return
+    yield name
+
+
+def _explain(name: str, what: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {what} {name!r}: it is not a built-in tiny model "
+        f"({', '.join(TINY_MODELS)}), not a local directory, not a promoted model in the store, "
+        f"and from_pretrained failed ({type(error).__name__}: {error}). Without network access, "
+        f"pass a local Hugging Face directory.")
+
+
+def load_causal_lm(name: str, store: CheckpointStore | None = None,
+                   dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Load a causal LM for training; weights in ``dtype`` (fp32 master weights by default)."""
+    with model_source(name, store) as source:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise _explain(name, "base model", e) from e
+    return model.to(device)
+
+
+def load_tokenizer(name: str, store: CheckpointStore | None = None):
+    """Load the tokenizer (with its chat template) for ``name``."""
+    with model_source(name, store) as source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise _explain(name, "tokenizer", e) from e
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of the loss; any id works, eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

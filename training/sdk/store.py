@@ -1,0 +1,342 @@
+"""The checkpoint store: jobs, train states (DCP), sampler snapshots and promoted models.
+
+The store is the local stand-in for the hosted service's buckets. It lives under one fsspec URL
+(``InfraConfig.storage_root``; default ``~/.cache/homefire/store``) so that another run, on this
+machine or another that sees the same URL, can resolve ``job_id:checkpoint_name``::
+
+    {root}/jobs/{job_id}/job.json                       the job record (base model, lora rank)
+    {root}/jobs/{job_id}/states/{name}/                 DCP train state + meta.json
+    {root}/jobs/{job_id}/samplers/{snapshot_name}/      HF weights for inference + meta.json
+    {root}/models/accounts/{account}/models/{id}/       promoted models + meta.json
+
+An entry exists only once its ``meta.json`` is written, and ``meta.json`` is written last, so a
+save that dies half-way leaves a directory that readers ignore and the next save of the same name
+replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+CROSS_JOB_SCHEME = "cross_job://"
+META_FILE = "meta.json"
+DEFAULT_ACCOUNT = "local"
+
+SnapshotType = Literal["INFERENCE_BASE", "INFERENCE_LORA", "INFERENCE_ARC_V2"]
+PROMOTABLE_SNAPSHOT_TYPES = ("INFERENCE_BASE", "INFERENCE_LORA")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class JobNotFoundError(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CheckpointNotFoundError(StoreError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def default_storage_root() -> str:
+    """``$HOMEFIRE_STORAGE_ROOT``, else ``$HOMEFIRE_CACHE_DIR/store``, else ``~/.cache/homefire/store``."""
+    if os.environ.get("HOMEFIRE_STORAGE_ROOT"):
+        return os.environ["HOMEFIRE_STORAGE_ROOT"]
+    cache = os.environ.get("HOMEFIRE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "homefire")
+    return os.path.join(cache, "store")
+
+
+def default_account() -> str:
+    return os.environ.get("HOMEFIRE_ACCOUNT", DEFAULT_ACCOUNT)
+
+
+def validate_name(name: str, what: str = "checkpoint name") -> str:
+    """Names become directory names in the store: refuse anything that could escape or collide."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"invalid {what} {name!r}: use 1-128 characters of letters, digits, "
+                         f"'.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def new_job_id() -> str:
+    """A 16-character lowercase id, shaped like the hosted service's trainer job ids."""
+    return "".join(secrets.choice(_JOB_ID_ALPHABET) for _ in range(16))
+
+
+def make_cross_job_ref(job_id: str, name: str) -> str:
+    return f"{CROSS_JOB_SCHEME}{job_id}/{name}"
+
+
+def parse_checkpoint_ref(ref: str, default_job_id: str | None = None) -> tuple[str, str]:
+    """``cross_job://job/name``, ``job:name`` or (with a default job) a bare ``name`` -> (job, name)."""
+    if ref.startswith(CROSS_JOB_SCHEME):
+        job_id, _, name = ref[len(CROSS_JOB_SCHEME):].partition("/")
+    elif ":" in ref and "://" not in ref:
+        job_id, _, name = ref.partition(":")
+    elif default_job_id is not None:
+        job_id, name = default_job_id, ref
+    else:
+        raise ValueError(f"checkpoint reference {ref!r} names no job: use 'job_id:checkpoint_name' "
+                         f"or 'cross_job://job_id/checkpoint_name'")
+    if not job_id or not name:
+        raise ValueError(f"checkpoint reference {ref!r} is incomplete: expected "
+                         f"'job_id:checkpoint_name' or 'cross_job://job_id/checkpoint_name'")
+    return job_id, name
+
+
+@dataclass
+class JobRecord:
+    """One trainer job: the owner of a set of checkpoints."""
+
+    job_id: str
+    base_model: str
+    lora_rank: int = 0
+    account: str = DEFAULT_ACCOUNT
+    created_at: float = field(default_factory=time.time)
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EntryMeta:
+    """``meta.json`` of a state, sampler snapshot or promoted model."""
+
+    kind: Literal["state", "sampler", "model"]
+    name: str
+    job_id: str | None
+    base_model: str
+    created_at: float
+    expires_at: float | None = None
+    snapshot_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and time.time() >= self.expires_at
+
+
+class CheckpointStore:
+    """Filesystem layout and commit protocol of jobs, states, snapshots and models.
+
+    ``root`` is any fsspec URL or local path. Writers call :meth:`staging_dir` to get a directory
+    to fill and :meth:`commit` to publish it; readers see only committed entries.
+    """
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root_url = root or default_storage_root()
+        self.fs, root_path = fsspec.core.url_to_fs(self.root_url)
+        self.root = root_path.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.root_url!r})"
+
+    # ---------------------------------------------------------------- paths
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def job_dir(self, job_id: str) -> str:
+        return self._join("jobs", job_id)
+
+    def state_dir(self, job_id: str, name: str) -> str:
+        return self._join("jobs", job_id, "states", name)
+
+    def sampler_dir(self, job_id: str, snapshot_name: str) -> str:
+        return self._join("jobs", job_id, "samplers", snapshot_name)
+
+    def model_dir(self, account: str, model_id: str) -> str:
+        return self._join("models", "accounts", account, "models", model_id)
+
+    def url(self, path: str) -> str:
+        """The fsspec URL of a store path (for DCP readers/writers and users)."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    # ---------------------------------------------------------------- json helpers
+    def _write_json(self, path: str, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload, indent=2, sort_keys=True).encode()
+        if self.is_local:
+            # Write-then-rename so a reader never sees a torn meta.json.
+            tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{self.url(path)} is corrupt ({e}); delete its directory "
+                             f"to drop that entry") from e
+
+    # ---------------------------------------------------------------- jobs
+    def create_job(self, base_model: str, lora_rank: int = 0, job_id: str | None = None,
+                   account: str | None = None,
+                   user_metadata: dict[str, str] | None = None) -> JobRecord:
+        job = JobRecord(job_id=validate_name(job_id, "job id") if job_id else new_job_id(),
+                        base_model=base_model, lora_rank=lora_rank,
+                        account=account or default_account(), user_metadata=user_metadata or {})
+        if self.fs.exists(self._join("jobs", job.job_id, "job.json")):
+            raise StoreError(f"job {job.job_id!r} already exists in {self.root_url}")
+        self.fs.makedirs(self.job_dir(job.job_id), exist_ok=True)
+        self._write_json(self._join("jobs", job.job_id, "job.json"), asdict(job))
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord:
+        payload = self._read_json(self._join("jobs", job_id, "job.json"))
+        if payload is None:
+            raise JobNotFoundError(f"no trainer job {job_id!r} in the store {self.root_url} "
+                                   f"(known jobs: {', '.join(self.list_jobs()[:10]) or 'none'}); "
+                                   f"check the job id or InfraConfig.storage_root")
+        return JobRecord(**payload)
+
+    def list_jobs(self) -> list[str]:
+        base = self._join("jobs")
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    # ---------------------------------------------------------------- entries
+    @contextmanager
+    def staging_dir(self, final_dir: str) -> Iterator[str]:
+        """Yield a local directory to fill; on success it becomes ``final_dir`` (without meta).
+
+        Local stores write in place after removing any stale, uncommitted leftover of the same
+        name; remote stores stage in a local temp dir and upload it.
+        """
+        if self.fs.exists(final_dir):
+            self.fs.rm(final_dir, recursive=True)
+        if self.is_local:
+            os.makedirs(final_dir, exist_ok=True)
+            yield final_dir
+            return
+        with tempfile.TemporaryDirectory(prefix="homefire-stage-") as tmp:
+            yield tmp
+            self.fs.put(tmp.rstrip("/") + "/", final_dir, recursive=True)
+
+    def commit(self, entry_dir: str, meta: EntryMeta) -> None:
+        """Publish an entry by writing its ``meta.json`` (the last file written)."""
+        if self.is_local:
+            _fsync_tree(entry_dir)
+        self._write_json(f"{entry_dir}/{META_FILE}", asdict(meta))
+
+    def read_meta(self, entry_dir: str) -> EntryMeta | None:
+        payload = self._read_json(f"{entry_dir}/{META_FILE}")
+        return EntryMeta(**payload) if payload is not None else None
+
+    def delete(self, entry_dir: str) -> None:
+        """Unpublish first (meta.json), then remove the files: never a half-visible entry."""
+        meta_path = f"{entry_dir}/{META_FILE}"
+        if self.fs.exists(meta_path):
+            self.fs.rm(meta_path)
+        if self.fs.exists(entry_dir):
+            self.fs.rm(entry_dir, recursive=True)
+
+    def _list_entries(self, parent: str) -> list[EntryMeta]:
+        if not self.fs.exists(parent):
+            return []
+        metas = []
+        for path in self.fs.ls(parent, detail=False):
+            meta = self.read_meta(path.rstrip("/"))
+            if meta is not None and not meta.expired:
+                metas.append(meta)
+        return sorted(metas, key=lambda m: (m.created_at, m.name))
+
+    def list_states(self, job_id: str) -> list[EntryMeta]:
+        return self._list_entries(self._join("jobs", job_id, "states"))
+
+    def list_samplers(self, job_id: str) -> list[EntryMeta]:
+        return self._list_entries(self._join("jobs", job_id, "samplers"))
+
+    def get_state(self, job_id: str, name: str) -> EntryMeta:
+        self.get_job(job_id)
+        meta = self.read_meta(self.state_dir(job_id, name))
+        if meta is None or meta.expired:
+            known = ", ".join(m.name for m in self.list_states(job_id)) or "none"
+            raise CheckpointNotFoundError(
+                f"job {job_id!r} has no train state {name!r}"
+                f"{' (it expired)' if meta is not None else ''}; its states: {known}")
+        return meta
+
+    def get_sampler(self, job_id: str, snapshot_name: str) -> EntryMeta:
+        self.get_job(job_id)
+        meta = self.read_meta(self.sampler_dir(job_id, snapshot_name))
+        if meta is None or meta.expired:
+            known = ", ".join(m.name for m in self.list_samplers(job_id)) or "none"
+            raise CheckpointNotFoundError(
+                f"job {job_id!r} has no sampler snapshot {snapshot_name!r}"
+                f"{' (it expired)' if meta is not None else ''}; its snapshots: {known}")
+        return meta
+
+    def cleanup_expired(self, job_id: str) -> list[str]:
+        """Delete the job's expired states and snapshots; returns what was deleted."""
+        deleted = []
+        for sub in ("states", "samplers"):
+            parent = self._join("jobs", job_id, sub)
+            if not self.fs.exists(parent):
+                continue
+            for path in self.fs.ls(parent, detail=False):
+                meta = self.read_meta(path.rstrip("/"))
+                if meta is not None and meta.expired:
+                    self.delete(path.rstrip("/"))
+                    deleted.append(f"{sub}/{meta.name}")
+        return deleted
+
+    @contextmanager
+    def local_copy(self, entry_dir: str) -> Iterator[str]:
+        """A local directory with the entry's files (the entry itself on a local store)."""
+        if self.is_local:
+            yield entry_dir
+            return
+        with tempfile.TemporaryDirectory(prefix="homefire-fetch-") as tmp:
+            self.fs.get(entry_dir.rstrip("/") + "/", tmp, recursive=True)
+            yield tmp
+
+    def copy_dir(self, src: str, dst: str) -> None:
+        """Copy an entry's files (not its meta.json) to ``dst``."""
+        if self.is_local:
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(META_FILE))
+            return
+        for path in self.fs.find(src):
+            rel = path[len(src.rstrip("/")) + 1:]
+            if rel != META_FILE:
+                self.fs.copy(path, f"{dst}/{rel}")
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush a freshly written directory to disk before it is published (crash safety)."""
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

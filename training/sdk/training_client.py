@@ -1,0 +1,455 @@
+"""The training client: a trainer job running on local torch compute, with Tinker's method set.
+
+Calls execute in the caller's thread, in call order, and return already-completed futures so code
+written for the hosted API (``client.forward_backward(...).result()``) runs unchanged. Errors are
+raised at the call, never parked in a future that nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from training.sdk.store import (
+    CheckpointStore,
+    EntryMeta,
+    JobRecord,
+    StoreError,
+    make_cross_job_ref,
+    parse_checkpoint_ref,
+    validate_name,
+)
+from training.sdk.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GradAccNormalization,
+    LoadStateResponse,
+    OptimStepResponse,
+    SaveSamplerResult,
+    SaveStateResponse,
+    TensorData,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+BUILTIN_LOSSES = ("cross_entropy",)
+
+
+def _done(value: T) -> Future[T]:
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it natively (``"auto"``), always, or never."""
+    if mixed_precision in ("no", "fp32", "none"):
+        return None
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    if mixed_precision != "auto":
+        raise ValueError(f"mixed_precision={mixed_precision!r}: expected 'auto', 'bf16' or 'no'")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    # Without native bf16 (AVX-512 BF16 / AMX) the CPU emulates it and autocast is slower.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+class TrainingClient:
+    """A trainer job: one model, its optimizer, and its checkpoints in the store.
+
+    Create it with :meth:`training.sdk.ServiceClient.create_training_client`.
+    """
+
+    def __init__(self, *, store: CheckpointStore, job: JobRecord, model: torch.nn.Module,
+                 tokenizer: Any, device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> None:
+        self.store = store
+        self.job = job
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.session_id = secrets.token_hex(4)
+        """8 hex chars that qualify this session's sampler snapshot names."""
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._step = 0
+        self._pending_loss_tokens = 0
+        self._pending_sequences = 0
+        self._pending_backward = False
+        self.model.train()
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
+
+    @property
+    def base_model(self) -> str:
+        return self.job.base_model
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (restored by ``load_state_with_optimizer``)."""
+        return self._step
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters()
+                   if p.requires_grad or not trainable_only)
+
+    # ---------------------------------------------------------------- forward passes
+    def _logprobs(self, datums: Sequence[Datum], *, require_targets: bool,
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per-datum log-probabilities (with grad if enabled) and weights.
+
+        With ``target_tokens``, entry j is ``log p(target_j | input_<=j)``. Without (weight-based
+        datums), entry j is ``log p(token_j | tokens_<j)`` and entry 0 is 0.
+        """
+        if not datums:
+            raise ValueError("no datums given")
+        inputs: list[list[int]] = []
+        targets: list[torch.Tensor] = []
+        shifted: list[bool] = []
+        weights: list[torch.Tensor | None] = []
+        for i, datum in enumerate(datums):
+            tokens = datum.model_input.to_ints()
+            if not tokens:
+                raise ValueError(f"datum {i} has an empty model_input")
+            inputs.append(tokens)
+            w = datum.loss_fn_inputs.get("weights")
+            if "target_tokens" in datum.loss_fn_inputs:
+                tgt = datum.loss_fn_inputs["target_tokens"].to_torch().long().reshape(-1)
+                if tgt.numel() != len(tokens):
+                    raise ValueError(f"datum {i}: target_tokens has {tgt.numel()} entries, "
+                                     f"model_input has {len(tokens)} tokens; they must match")
+                targets.append(tgt)
+                shifted.append(False)
+            elif require_targets:
+                raise ValueError(
+                    f"datum {i} has no 'target_tokens' in loss_fn_inputs: the built-in "
+                    f"'cross_entropy' loss needs them. Weight-only datums "
+                    f"(datum_from_model_input_weights) work with forward_backward_custom.")
+            else:
+                targets.append(torch.tensor([*tokens[1:], 0], dtype=torch.long))
+                shifted.append(True)
+            if w is not None:
+                w = w.to_torch().float().reshape(-1)
+                if w.numel() != len(tokens):
+                    raise ValueError(f"datum {i}: weights has {w.numel()} entries, model_input "
+                                     f"has {len(tokens)} tokens; they must match")
+            weights.append(w)
+
+        lengths = [len(t) for t in inputs]
+        max_len = max(lengths)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(inputs), max_len), pad_id, dtype=torch.long)
+        target_ids = torch.zeros((len(inputs), max_len), dtype=torch.long)
+        for i, (tokens, tgt) in enumerate(zip(inputs, targets, strict=True)):
+            input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            target_ids[i, : len(tokens)] = tgt
+        attention_mask = None
+        if min(lengths) != max_len:
+            attention_mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None])
+            attention_mask = attention_mask.long().to(self.device)
+        input_ids = input_ids.to(self.device)
+        target_ids = target_ids.to(self.device)
+
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).logits
+        vocab = logits.shape[-1]
+        token_logprobs = -F.cross_entropy(logits.float().reshape(-1, vocab),
+                                          target_ids.reshape(-1),
+                                          reduction="none").reshape(input_ids.shape)
+        per_datum = []
+        for i, n in enumerate(lengths):
+            lp = token_logprobs[i, :n]
+            if shifted[i]:
+                lp = torch.cat([lp.new_zeros(1), lp[:-1]])
+            per_datum.append(lp)
+        return per_datum, weights
+
+    def _cross_entropy(self, datums: Sequence[Datum]) -> tuple[torch.Tensor, ForwardBackwardOutput]:
+        logprobs, weights = self._logprobs(datums, require_targets=True)
+        loss = logprobs[0].new_zeros(())
+        loss_tokens = 0
+        for lp, w in zip(logprobs, weights, strict=True):
+            if w is None:
+                w = torch.ones_like(lp)
+            w = w.to(lp.device)
+            loss = loss - (w * lp).sum()
+            loss_tokens += int((w != 0).sum())
+        output = ForwardBackwardOutput(
+            loss_fn_output_type="cross_entropy",
+            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
+                             for lp in logprobs],
+            metrics={"loss:sum": float(loss.detach()), "num_loss_tokens": float(loss_tokens),
+                     "num_sequences": float(len(datums))},
+        )
+        return loss, output
+
+    def forward(self, datums: Sequence[Datum], loss_fn: str = "cross_entropy",
+                ) -> Future[ForwardBackwardOutput]:
+        """Forward pass only (no gradients): per-token logprobs and the loss metrics."""
+        self._check_loss(loss_fn)
+        with torch.no_grad():
+            _, output = self._cross_entropy(datums)
+        return _done(output)
+
+    def forward_backward(self, datums: Sequence[Datum], loss_fn: str = "cross_entropy",
+                         loss_fn_config: dict[str, Any] | None = None,
+                         ) -> Future[ForwardBackwardOutput]:
+        """Forward + backward with a built-in loss; gradients accumulate until ``optim_step``.
+
+        ``cross_entropy`` is ``sum(weights * -logprob(target_tokens))`` over all datums (a sum,
+        not a mean: ``optim_step``'s ``grad_accumulation_normalization`` turns it into one).
+        """
+        self._check_loss(loss_fn)
+        if loss_fn_config:
+            raise ValueError(f"loss {loss_fn!r} takes no loss_fn_config, got {loss_fn_config}")
+        loss, output = self._cross_entropy(datums)
+        loss.backward()
+        self._note_backward(datums, int(output.metrics["num_loss_tokens"]))
+        return _done(output)
+
+    def forward_backward_custom(self, datums: Sequence[Datum], loss_fn: CustomLossFn,
+                                ) -> Future[ForwardBackwardOutput]:
+        """Forward + backward with your loss on the per-token logprobs.
+
+        ``loss_fn(datums, logprobs_list)`` gets one 1-D tensor per datum (with grad; see
+        ``datum_from_model_input_weights`` for the alignment of weight-only datums) and returns
+        ``(loss, metrics)``: a scalar tensor to differentiate and a dict of floats.
+        """
+        datums = list(datums)
+        logprobs, weights = self._logprobs(datums, require_targets=False)
+        result = loss_fn(datums, logprobs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError("custom loss_fn must return (loss_tensor, metrics_dict)")
+        loss, metrics = result
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError("custom loss_fn must return a scalar torch.Tensor as its loss")
+        if not loss.requires_grad:
+            raise ValueError("the custom loss does not depend on the logprobs (no grad); "
+                             "build it from the logprobs_list tensors")
+        loss.backward()
+        loss_tokens = sum(int((w != 0).sum()) if w is not None else lp.numel()
+                          for lp, w in zip(logprobs, weights, strict=True))
+        self._note_backward(datums, loss_tokens)
+        output = ForwardBackwardOutput(
+            loss_fn_output_type="custom",
+            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
+                             for lp in logprobs],
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+        )
+        return _done(output)
+
+    def _check_loss(self, loss_fn: str) -> None:
+        if loss_fn not in BUILTIN_LOSSES:
+            raise ValueError(f"unknown loss {loss_fn!r}: built-in losses are {BUILTIN_LOSSES}; "
+                             f"use forward_backward_custom for your own")
+
+    def _note_backward(self, datums: Sequence[Datum], loss_tokens: int) -> None:
+        self._pending_backward = True
+        self._pending_loss_tokens += loss_tokens
+        self._pending_sequences += len(datums)
+
+    # ---------------------------------------------------------------- optimizer
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _ensure_optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            # Hyper-parameters are overwritten from AdamParams at every optim_step.
+            self._optimizer = torch.optim.AdamW(self._trainable(), lr=0.0, foreach=True)
+        return self._optimizer
+
+    def optim_step(self, adam_params: AdamParams,
+                   grad_accumulation_normalization: GradAccNormalization | str | None = None,
+                   ) -> Future[OptimStepResponse]:
+        """Apply one AdamW update with the gradients accumulated since the last step.
+
+        ``grad_accumulation_normalization`` divides the accumulated gradient by the number of loss
+        tokens or sequences first; ``None`` means ``NONE`` (raw sum, as in Tinker).
+        """
+        if not self._pending_backward:
+            raise RuntimeError("optim_step called with no gradients: call forward_backward "
+                               "(or forward_backward_custom) first")
+        mode = GradAccNormalization(grad_accumulation_normalization or GradAccNormalization.NONE)
+        denominator = {GradAccNormalization.NUM_LOSS_TOKENS: self._pending_loss_tokens,
+                       GradAccNormalization.NUM_SEQUENCES: self._pending_sequences,
+                       GradAccNormalization.NONE: 1}[mode]
+        params = self._trainable()
+        grads = [p.grad for p in params if p.grad is not None]
+        if denominator > 1 and grads:
+            torch._foreach_div_(grads, float(denominator))
+        max_norm = adam_params.grad_clip_norm if adam_params.grad_clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        optimizer = self._ensure_optimizer()
+        for group in optimizer.param_groups:
+            group["lr"] = adam_params.learning_rate
+            group["betas"] = (adam_params.beta1, adam_params.beta2)
+            group["eps"] = adam_params.eps
+            group["weight_decay"] = adam_params.weight_decay
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        self._pending_backward = False
+        self._pending_loss_tokens = self._pending_sequences = 0
+        return _done(OptimStepResponse(metrics={
+            "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
+            "step": float(self._step), "normalized_by": float(denominator)}))
+
+    # ---------------------------------------------------------------- train state (DCP)
+    def save_state(self, name: str, ttl_seconds: int | None = None, timeout: float | None = None,
+                   user_state: dict[str, Any] | None = None) -> Future[SaveStateResponse]:
+        """Save weights + optimizer (+ ``user_state``) as a DCP checkpoint named ``name``.
+
+        ``user_state`` (a local extension) is any picklable dict stored inside the same DCP
+        checkpoint, e.g. step, data position, RNG states; ``load_state*`` returns it. Gradients
+        accumulated since the last ``optim_step`` are not saved. ``timeout`` is accepted for API
+        compatibility; local saves always complete before returning.
+        """
+        validate_name(name)
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "trainer": {"step": self._step},
+            "user_state": pickle.dumps(user_state or {}),
+        }
+        if self._optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, self._optimizer)
+        entry_dir = self.store.state_dir(self.job_id, name)
+        with self.store.staging_dir(entry_dir) as local:
+            _dcp_call(dcp.save, state, local, f"saving train state {name!r}")
+        now = time.time()
+        self.store.commit(entry_dir, EntryMeta(
+            kind="state", name=name, job_id=self.job_id, base_model=self.base_model,
+            created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
+            extra={"step": self._step, "has_optimizer": self._optimizer is not None}))
+        return _done(SaveStateResponse(path=make_cross_job_ref(self.job_id, name), name=name,
+                                       job_id=self.job_id))
+
+    def load_state(self, path: str) -> Future[LoadStateResponse]:
+        """Load weights from a train state; the optimizer is reset (fresh moments, step 0)."""
+        return _done(self._load_state(path, with_optimizer=False))
+
+    def load_state_with_optimizer(self, path: str) -> Future[LoadStateResponse]:
+        """Load weights, optimizer moments and the optimizer step count from a train state."""
+        return _done(self._load_state(path, with_optimizer=True))
+
+    def _load_state(self, path: str, with_optimizer: bool) -> LoadStateResponse:
+        job_id, name = parse_checkpoint_ref(path, default_job_id=self.job_id)
+        meta = self.store.get_state(job_id, name)
+        if meta.base_model != self.base_model:
+            raise ValueError(f"train state {job_id}:{name} was trained from base_model "
+                             f"{meta.base_model!r}, but this client trains {self.base_model!r}; "
+                             f"create the client with the checkpoint's base model")
+        self._optimizer = None
+        self.model.zero_grad(set_to_none=True)
+        self._pending_backward = False
+        self._pending_loss_tokens = self._pending_sequences = 0
+        state: dict[str, Any] = {"model": get_model_state_dict(self.model),
+                                 "trainer": {"step": 0}, "user_state": b""}
+        restore_optimizer = with_optimizer and meta.extra.get("has_optimizer", False)
+        if restore_optimizer:
+            state["optim"] = get_optimizer_state_dict(self.model, self._ensure_optimizer())
+        with self.store.local_copy(self.store.state_dir(job_id, name)) as local:
+            _dcp_call(dcp.load, state, local, f"loading train state {job_id}:{name}")
+        set_model_state_dict(self.model, state["model"])
+        if restore_optimizer:
+            set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
+        self._step = int(state["trainer"]["step"]) if with_optimizer else 0
+        return LoadStateResponse(path=make_cross_job_ref(job_id, name),
+                                 user_state=pickle.loads(state["user_state"]))
+
+    def list_checkpoints(self) -> list[str]:
+        """Names of this job's train states (DCP checkpoints), oldest first."""
+        return [m.name for m in self.store.list_states(self.job_id)]
+
+    def resolve_checkpoint_path(self, checkpoint_name: str, source_job_id: str) -> str:
+        """A ``cross_job://<job>/<name>`` reference to another job's train state (checked)."""
+        self.store.get_state(source_job_id, checkpoint_name)
+        return make_cross_job_ref(source_job_id, checkpoint_name)
+
+    # ---------------------------------------------------------------- sampler weights
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 checkpoint_type: str | None = None,
+                                 ) -> Future[SaveSamplerResult]:
+        """Save the current weights for inference (HF format) as ``<name>-<session id>``."""
+        return _done(self.save_weights_for_sampler_ext(name, checkpoint_type=checkpoint_type,
+                                                       ttl_seconds=ttl_seconds))
+
+    def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None,
+                                     ttl_seconds: int | None = None) -> SaveSamplerResult:
+        """Like ``save_weights_for_sampler`` but returns the :class:`SaveSamplerResult` directly.
+
+        The snapshot is a Hugging Face directory (safetensors + config + tokenizer) that
+        ``AutoModelForCausalLM.from_pretrained`` loads, typed ``INFERENCE_BASE``.
+        """
+        if checkpoint_type not in (None, "base"):
+            raise ValueError(f"checkpoint_type={checkpoint_type!r}: this trainer saves full "
+                             f"('base') sampler snapshots only")
+        snapshot_name = f"{validate_name(name)}-{self.session_id}"
+        entry_dir = self.store.sampler_dir(self.job_id, snapshot_name)
+        with self.store.staging_dir(entry_dir) as local:
+            self.model.save_pretrained(local, safe_serialization=True)
+            self.tokenizer.save_pretrained(local)
+        now = time.time()
+        self.store.commit(entry_dir, EntryMeta(
+            kind="sampler", name=snapshot_name, job_id=self.job_id, base_model=self.base_model,
+            created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
+            snapshot_type="INFERENCE_BASE", extra={"step": self._step}))
+        return SaveSamplerResult(path=f"sampler://{self.job_id}/{snapshot_name}",
+                                 snapshot_name=snapshot_name)
+
+
+def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str) -> None:
+    """Run a DCP save/load on a local directory, turning its BaseException into a StoreError."""
+    try:
+        with warnings.catch_warnings():
+            # DCP warns that it runs without a process group: that is the single-process case.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if fn is dcp.save:
+                fn(state, storage_writer=dcp.FileSystemWriter(directory))
+            else:
+                fn(state, storage_reader=dcp.FileSystemReader(directory))
+    except CheckpointException as e:  # derives from BaseException, not Exception
+        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}; the checkpoint is "
+                         f"corrupt or incomplete: delete it or use an earlier one") from e
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,283 @@
+"""Checkpoint kinds, ``{log_path}/checkpoints.jsonl`` and resume: the recipe-level checkpoint manager.
+
+One row per completed save is appended to ``checkpoints.jsonl`` (never before the save is
+complete), with the fields of the hosted cookbook::
+
+    {"name": "step-10", "step": 10, "data_consumed": 40, "state_path": "cross_job://job/step-10",
+     "source_job_id": "job", "base_model": "..."}
+
+A rerun with the same ``log_path`` resumes from the last row that has a ``state_path``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.sdk.store import parse_checkpoint_ref
+from training.sdk.training_client import TrainingClient
+from training.utils.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+RUN_FILE = "run.json"
+
+
+class CheckpointKind(str, enum.Enum):
+    """What a cookbook checkpoint saves (seed: "Checkpoint kinds").
+
+    STATE: DCP train state (weights + optimizer + run state): resumable, not promotable.
+    SAMPLER: HF weights for inference: promotable, not resumable.
+    BOTH: both: resumable and promotable (the final save of every recipe).
+    """
+
+    STATE = "state"
+    SAMPLER = "sampler"
+    BOTH = "both"
+
+    @property
+    def has_state(self) -> bool:
+        return self in (CheckpointKind.STATE, CheckpointKind.BOTH)
+
+    @property
+    def has_sampler(self) -> bool:
+        return self in (CheckpointKind.SAMPLER, CheckpointKind.BOTH)
+
+
+@dataclass
+class ResumeInfo:
+    """Where a run continues from."""
+
+    step: int
+    """Optimizer steps already done."""
+    data_consumed: int
+    """Training examples already consumed (the data cursor)."""
+    row: dict[str, Any] | None = None
+    """The checkpoints.jsonl row resumed from (None for init_from_checkpoint)."""
+    user_state: dict[str, Any] = field(default_factory=dict)
+    """Recipe state saved with the checkpoint (beyond step, data position and RNG)."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The python / numpy / torch RNG states, for exact resume."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointLog:
+    """Reads and appends ``{log_path}/checkpoints.jsonl``.
+
+    A crash during an append can leave a torn last line: it is ignored when reading (with a
+    warning) and cut off before the next append. A bad line anywhere else is an error.
+    """
+
+    def __init__(self, log_path: str | os.PathLike[str]) -> None:
+        self.log_path = Path(log_path)
+        self.path = self.log_path / CHECKPOINTS_FILE
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows, _ = self._parse()
+        return rows
+
+    def _parse(self) -> tuple[list[dict[str, Any]], int]:
+        """Rows and the byte length of the valid prefix of the file."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        rows: list[dict[str, Any]] = []
+        offset = 0
+        for i, raw in enumerate(lines):
+            is_last = i == len(lines) - 1
+            if not raw.strip():
+                offset += len(raw) + (0 if is_last else 1)
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if is_last or all(not rest.strip() for rest in lines[i + 1:]):
+                    logger.warning("%s:%d is a torn line (a save was interrupted while writing "
+                                   "it); ignoring it", self.path, i + 1)
+                    return rows, offset
+                raise ConfigError(f"{self.path}:{i + 1}: corrupt checkpoint row ({e}); fix or "
+                                  f"delete that line") from e
+            if is_last:
+                # A complete JSON object without its newline: the append died after the data.
+                logger.warning("%s:%d lacks its newline; repairing", self.path, i + 1)
+            rows.append(row)
+            offset += len(raw) + (0 if is_last else 1)
+        return rows, offset
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row durably (fsync), after cutting off a torn tail left by a crash."""
+        self.log_path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _, valid = self._parse()
+            size = self.path.stat().st_size
+            with open(self.path, "r+b") as f:
+                if valid < size:
+                    f.truncate(valid)
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+        with open(self.path, "ab") as f:
+            f.write(json.dumps(row).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def last_resumable(self) -> dict[str, Any] | None:
+        """The last row with a ``state_path``, or None."""
+        for row in reversed(self.rows()):
+            if row.get("state_path"):
+                return row
+        return None
+
+    def latest_promotable(self, step: int | None = None) -> dict[str, Any] | None:
+        """The last row with a ``sampler_path`` (at ``step`` if given), or None."""
+        for row in reversed(self.rows()):
+            if row.get("sampler_path") and (step is None or row.get("step") == step):
+                return row
+        return None
+
+
+def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any],
+                       resuming: bool) -> None:
+    """Refuse to resume a run whose data or model changed; record the identity of a new run.
+
+    ``identity`` holds what a resumed run must share with the original (base model, dataset
+    fingerprint, batch size, ...). A fresh run (nothing to resume) overwrites ``run.json``.
+    """
+    path = Path(log_path) / RUN_FILE
+    if resuming and path.exists():
+        recorded = json.loads(path.read_text())
+        changed = {k: (recorded.get(k), v) for k, v in identity.items()
+                   if k in recorded and recorded[k] != v}
+        if changed:
+            details = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in
+                                changed.items())
+            raise ConfigError(
+                f"{path}: this log_path holds a run with different settings ({details}). "
+                f"Resuming would silently mix them: use a new log_path, or restore the original "
+                f"settings to continue that run.")
+        return
+    Path(log_path).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**identity, "created_at": time.time()}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_run_identity(log_path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(log_path) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class TrainingCheckpoints:
+    """Saves, records and restores a recipe's checkpoints.
+
+    Args:
+        training_client: the policy's training client (its job owns the checkpoints).
+        log_path: the run directory holding ``checkpoints.jsonl``.
+    """
+
+    def __init__(self, training_client: TrainingClient, log_path: str | os.PathLike[str]) -> None:
+        self.client = training_client
+        self.log = CheckpointLog(log_path)
+
+    def save(self, name: str, *, step: int, data_consumed: int,
+             kind: CheckpointKind | str = CheckpointKind.STATE,
+             user_state: dict[str, Any] | None = None,
+             promotable: bool | None = None) -> dict[str, Any]:
+        """Save a checkpoint of ``kind`` and append its row once it is complete.
+
+        ``promotable=True`` upgrades a STATE save to BOTH (the hosted cookbook's spelling).
+        ``user_state`` is extra recipe state stored with the train state; step, data position
+        and the RNG states are always stored.
+        """
+        kind = CheckpointKind(kind)
+        if promotable and not kind.has_sampler:
+            kind = CheckpointKind.BOTH
+        row: dict[str, Any] = {"name": name, "step": step, "data_consumed": data_consumed}
+        if kind.has_state:
+            saved = self.client.save_state(name, user_state={
+                "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
+                "recipe": user_state or {}}).result()
+            row["state_path"] = saved.path
+        if kind.has_sampler:
+            row["sampler_path"] = self.client.save_weights_for_sampler_ext(
+                name, checkpoint_type="base").snapshot_name
+        row["source_job_id"] = self.client.job_id
+        row["base_model"] = self.client.base_model
+        self.log.append(row)
+        logger.info("saved checkpoint %s (%s) at step %d", name, kind.value, step)
+        return row
+
+    save_checkpoint = save
+
+    def resume(self, row: dict[str, Any] | None = None) -> ResumeInfo | None:
+        """Restore weights, optimizer, step, data position and RNG from the last resumable row.
+
+        Returns None when there is nothing to resume.
+        """
+        row = row or self.log.last_resumable()
+        if row is None:
+            return None
+        loaded = self.client.load_state_with_optimizer(row["state_path"]).result()
+        state = loaded.user_state
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+        return ResumeInfo(step=int(state.get("step", row["step"])),
+                          data_consumed=int(state.get("data_consumed", row["data_consumed"])),
+                          row=row, user_state=state.get("recipe", {}))
+
+    def init_from(self, checkpoint: str) -> ResumeInfo:
+        """Load the weights of ``job_id:checkpoint_name`` to start a new run (step 0).
+
+        The optimizer starts fresh: a new run has its own schedule and data order.
+        """
+        job_id, name = parse_checkpoint_ref(checkpoint)
+        ref = self.client.resolve_checkpoint_path(name, source_job_id=job_id)
+        self.client.load_state(ref).result()
+        logger.info("initialized weights from %s", checkpoint)
+        return ResumeInfo(step=0, data_consumed=0)
+
+    def promote_latest(self, output_model_id: str, step: int | None = None) -> dict[str, Any]:
+        """Promote the latest promotable row (or the one at ``step``) into a model."""
+        from training.sdk.registry import ModelRegistry
+
+        row = self.log.latest_promotable(step)
+        if row is None:
+            raise ConfigError(f"{self.log.path} has no promotable checkpoint"
+                              f"{f' at step {step}' if step is not None else ''}: save one with "
+                              f"kind=SAMPLER or BOTH (the final checkpoint always is)")
+        registry = ModelRegistry(self.client.store)
+        job = self.client.store.get_job(row["source_job_id"])
+        name = (f"accounts/{job.account}/rlorTrainerJobs/{row['source_job_id']}/checkpoints/"
+                f"{row['sampler_path']}")
+        return registry.promote_checkpoint(name=name, output_model_id=output_model_id,
+                                           base_model=row["base_model"])

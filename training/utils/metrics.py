@@ -1,0 +1,118 @@
+"""Per-step metrics (``{log_path}/metrics.jsonl``) and the progress display."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends one JSON row per step to ``{log_path}/metrics.jsonl``.
+
+    On resume from step ``start_step`` the rows of steps after it (written by the interrupted
+    run after its last checkpoint) are dropped first, so the file never has duplicate steps.
+    """
+
+    def __init__(self, log_path: str | os.PathLike[str], start_step: int = 0) -> None:
+        self.path = Path(log_path) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def _truncate_after(self, start_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a crash mid-write
+            if isinstance(row, dict) and row.get("step", math.inf) <= start_step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(log_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    path = Path(log_path) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class Progress:
+    """A progress bar with step, loss, tokens/s and ETA that stays right across a resume.
+
+    On a terminal it is a tqdm bar; otherwise (CI, log files) it prints a plain line about every
+    ``plain_interval_s`` seconds and at the end. The ETA counts only steps run by this process,
+    so the time spent loading a checkpoint does not distort it.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, desc: str,
+                 plain_interval_s: float = 10.0) -> None:
+        self.total = total_steps
+        self.step = start_step
+        self.desc = desc
+        self.interactive = sys.stderr.isatty()
+        self.plain_interval_s = plain_interval_s
+        self._last_print = 0.0
+        self._start_time = time.monotonic()
+        self._start_step = start_step
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+                         dynamic_ncols=True, disable=not self.interactive)
+
+    def update(self, step: int, postfix: dict[str, str]) -> None:
+        self._bar.update(step - self.step)
+        self.step = step
+        if self.interactive:
+            self._bar.set_postfix(postfix, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= self.plain_interval_s or step == self.total:
+            self._last_print = now
+            fields = " ".join(f"{k}={v}" for k, v in postfix.items())
+            print(f"{self.desc} step {step}/{self.total} {fields} eta {self.eta()}",
+                  file=sys.stderr, flush=True)
+
+    def eta(self) -> str:
+        done = self.step - self._start_step
+        if done <= 0:
+            return "?"
+        remaining = (time.monotonic() - self._start_time) / done * (self.total - self.step)
+        return time.strftime("%H:%M:%S", time.gmtime(remaining))
+
+    def close(self) -> None:
+        self._bar.close()
