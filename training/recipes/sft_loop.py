@@ -32,6 +32,7 @@ from training.utils.checkpoints import (
     ResumeInfo,
     TrainingCheckpoints,
     check_run_identity,
+    promote_from_log,
 )
 from training.utils.config import ConfigError, InfraConfig, apply_infra, validate_common
 from training.utils.data import (
@@ -244,17 +245,8 @@ def _promote(config: Config, store: CheckpointStore,
     """Promote the final checkpoint when output_model_id is set (idempotent on rerun)."""
     if not config.output_model_id:
         return None
-    from training.sdk.registry import ModelRegistry
-
-    row = checkpoint_log.latest_promotable()
-    if row is None:
-        raise ConfigError(f"{checkpoint_log.path} has no promotable checkpoint to promote")
-    registry = ModelRegistry(store, account=config.infra.account)
-    job = store.get_job(row["source_job_id"])
-    name = (f"accounts/{job.account}/rlorTrainerJobs/{row['source_job_id']}/checkpoints/"
-            f"{row['sampler_path']}")
-    return registry.promote_checkpoint(name=name, output_model_id=config.output_model_id,
-                                       base_model=row["base_model"])
+    return promote_from_log(checkpoint_log, store, config.output_model_id,
+                            account=config.infra.account)
 
 
 def _print_start(config: Config, client: Any, data_summary: str, n_examples: int,

@@ -142,7 +142,11 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | None = None) -> None:
-        self.root_url = root or default_storage_root()
+        root = root or default_storage_root()
+        if "://" not in root:
+            # Recorded in run.json and used from other directories: make it absolute.
+            root = os.path.abspath(os.path.expanduser(root))
+        self.root_url = root
         self.fs, root_path = fsspec.core.url_to_fs(self.root_url)
         self.root = root_path.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)

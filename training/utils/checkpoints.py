@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.sdk.store import parse_checkpoint_ref
+from training.sdk.store import CheckpointStore, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient
 from training.utils.config import ConfigError
 
@@ -268,16 +268,24 @@ class TrainingCheckpoints:
 
     def promote_latest(self, output_model_id: str, step: int | None = None) -> dict[str, Any]:
         """Promote the latest promotable row (or the one at ``step``) into a model."""
-        from training.sdk.registry import ModelRegistry
+        return promote_from_log(self.log, self.client.store, output_model_id, step=step)
 
-        row = self.log.latest_promotable(step)
-        if row is None:
-            raise ConfigError(f"{self.log.path} has no promotable checkpoint"
-                              f"{f' at step {step}' if step is not None else ''}: save one with "
-                              f"kind=SAMPLER or BOTH (the final checkpoint always is)")
-        registry = ModelRegistry(self.client.store)
-        job = self.client.store.get_job(row["source_job_id"])
-        name = (f"accounts/{job.account}/rlorTrainerJobs/{row['source_job_id']}/checkpoints/"
-                f"{row['sampler_path']}")
-        return registry.promote_checkpoint(name=name, output_model_id=output_model_id,
-                                           base_model=row["base_model"])
+
+def promote_from_log(log: CheckpointLog, store: CheckpointStore, output_model_id: str, *,
+                     step: int | None = None, account: str | None = None) -> dict[str, Any]:
+    """Promote the latest row of ``log`` with a ``sampler_path`` (or the one at ``step``).
+
+    Idempotent: promoting the same checkpoint to the same id again returns the existing model,
+    so a run killed during promotion just promotes again on rerun.
+    """
+    from training.sdk.registry import ModelRegistry
+
+    row = log.latest_promotable(step)
+    if row is None:
+        raise ConfigError(f"{log.path} has no promotable checkpoint"
+                          f"{f' at step {step}' if step is not None else ''}: save one with "
+                          f"kind=SAMPLER or BOTH (the final checkpoint always is)")
+    registry = ModelRegistry(store, account=account)
+    return registry.promote_checkpoint(
+        name=registry.checkpoint_name(row["source_job_id"], row["sampler_path"]),
+        output_model_id=output_model_id, base_model=row["base_model"])
