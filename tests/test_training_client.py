@@ -269,3 +269,19 @@ def test_loading_a_state_of_another_base_model_is_refused(make_client, store_roo
     client.store.fs.pipe(meta_path, text.encode())
     with pytest.raises(ValueError, match="trained from base_model 'other/model'"):
         client.load_state("s")
+
+
+def test_store_on_an_fsspec_url(make_client):
+    """States and snapshots round-trip through a non-local fsspec store (memory://)."""
+    client = make_client(root="memory://homefire-test-store")
+    datums = [_datum(_tokens(client, "remote stores stage locally"))]
+    _train(client, datums, 1)
+    client.save_state("step-1").result()
+    expected = _weights(client)
+    _train(client, datums, 1)
+    client.load_state_with_optimizer("step-1").result()
+    assert _same(_weights(client), expected) and client.list_checkpoints() == ["step-1"]
+    snapshot = client.save_weights_for_sampler_ext("step-1").snapshot_name
+    files = client.store.fs.ls(client.store.sampler_dir(client.job_id, snapshot), detail=False)
+    assert {f.rsplit("/", 1)[-1] for f in files} >= {"model.safetensors", "config.json",
+                                                     "tokenizer.json", "meta.json"}

@@ -157,7 +157,7 @@ def main(config: Config) -> RunResult:
             f"init_from_checkpoint to resume this one.")
     check_run_identity(log_path, {
         "recipe": "sft_loop", "base_model": config.base_model, "tokenizer_model": tokenizer_name,
-        "dataset_fingerprint": dataset_fingerprint(config.dataset),
+        "dataset_fingerprint": dataset_fingerprint(config.dataset, split=config.dataset_split),
         "batch_size": config.batch_size, "max_seq_len": config.max_seq_len,
         "long_row_policy": config.long_row_policy, "seed": config.seed,
         "storage_root": store.root_url,
