@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.store import CheckpointStore
 from training.sdk.tiny_model import TINY_MODELS, ensure_tiny_model, is_tiny_model
 
@@ -66,7 +67,8 @@ def load_causal_lm(name: str, store: CheckpointStore | None = None,
     """Load a causal LM for training; weights in ``dtype`` (fp32 master weights by default)."""
     with model_source(name, store) as source:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            with progress_bars_disabled():
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError) as e:
             raise _explain(name, "base model", e) from e
     return model.to(device)

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.store import (
     CheckpointStore,
     EntryMeta,
@@ -421,7 +422,7 @@ class TrainingClient:
                              f"('base') sampler snapshots only")
         snapshot_name = f"{validate_name(name)}-{self.session_id}"
         entry_dir = self.store.sampler_dir(self.job_id, snapshot_name)
-        with self.store.staging_dir(entry_dir) as local:
+        with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
             self.model.save_pretrained(local, safe_serialization=True)
             self.tokenizer.save_pretrained(local)
         now = time.time()
