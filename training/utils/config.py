@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,59 @@ class InfraConfig:
     """Accepted so hosted configs port unchanged; ignored by the local trainer."""
 
 
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The fields every recipe's ``Config`` shares (each recipe subclasses it, adds its own
+    fields and may change defaults). The defaults run the embedded demo: the built-in tiny model
+    on bundled sample data."""
+
+    log_path: str
+    """Directory for checkpoints.jsonl, metrics.jsonl and run.json. Required. Rerun with the
+    same log_path to resume."""
+    base_model: str = "homefire/tiny-qwen3"
+    """Model to fine-tune: a built-in tiny model, a local HF directory, a promoted model
+    (accounts/<a>/models/<id>) or a Hugging Face hub id."""
+    tokenizer_model: str | None = None
+    """Tokenizer (with chat template) to render the data; default: base_model's."""
+    dataset: str = ""
+    """Training data: a JSONL file or any `datasets` source (each recipe documents its format
+    and bundled default)."""
+    dataset_split: str = "train"
+    """Split to use for `datasets` sources."""
+    max_seq_len: int = 512
+    """Longest row in tokens."""
+    batch_size: int = 8
+    """Rows per optimizer step."""
+    epochs: int = 3
+    """Passes over the data (the order is reshuffled each epoch from `seed`)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (caps `epochs`)."""
+    learning_rate: float = 1e-3
+    """Peak learning rate. 1e-3 suits the tiny demo model; use ~1e-5 for billion-parameter
+    full fine-tuning."""
+    lr_schedule: str = "linear"
+    """'constant', 'linear' or 'cosine' decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    dcp_save_interval: int = 0
+    """Save a resumable STATE checkpoint every N steps; 0 = off (then an interrupted run
+    restarts from scratch)."""
+    init_from_checkpoint: str | None = None
+    """Start from the weights of another job's checkpoint, 'job_id:checkpoint_name'; step
+    resets to 0. Cannot be combined with resuming an existing log_path."""
+    output_model_id: str | None = None
+    """If set, promote the final checkpoint to accounts/<account>/models/<output_model_id>."""
+    seed: int = 0
+    """Seeds data order and RNGs."""
+    infra: InfraConfig = field(default_factory=InfraConfig)
+
+
 def validate_common(config: Any) -> None:
     """Checks shared by all recipes; raise :class:`ConfigError` naming the field."""
     if not getattr(config, "log_path", None) or config.log_path == "???":
@@ -58,6 +111,13 @@ def validate_common(config: Any) -> None:
                           f"{config.dcp_save_interval}")
     if getattr(config, "learning_rate", 1.0) <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+    schedule = getattr(config, "lr_schedule", None)
+    if schedule is not None:
+        from training.utils.lr_schedule import LR_SCHEDULES
+
+        if schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule={schedule!r}: expected one of "
+                              f"{', '.join(LR_SCHEDULES)}")
     init = getattr(config, "init_from_checkpoint", None)
     if init is not None and (":" not in init or init.startswith(":") or init.endswith(":")):
         raise ConfigError(f"init_from_checkpoint={init!r}: expected 'job_id:checkpoint_name' "
