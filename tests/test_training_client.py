@@ -285,3 +285,21 @@ def test_store_on_an_fsspec_url(make_client):
     files = client.store.fs.ls(client.store.sampler_dir(client.job_id, snapshot), detail=False)
     assert {f.rsplit("/", 1)[-1] for f in files} >= {"model.safetensors", "config.json",
                                                      "tokenizer.json", "meta.json"}
+
+
+def test_reference_client_is_frozen_and_independent(store_root, tiny_model_dir):
+    service = ServiceClient(store_root, mixed_precision="no")
+    policy = service.create_training_client(TEST_MODEL)
+    reference = service.create_reference_client(TEST_MODEL)
+    assert service.create_base_training_client(TEST_MODEL) is reference
+    datums = [_datum(_tokens(policy, "a frozen reference"))]
+    before = reference.forward(datums).result().loss_fn_outputs[0]["logprobs"].to_torch()
+    _train(policy, datums, 2)
+    after = reference.forward(datums).result().loss_fn_outputs[0]["logprobs"].to_torch()
+    assert torch.equal(before, after)
+    policy_lp = policy.forward(datums).result().loss_fn_outputs[0]["logprobs"].to_torch()
+    assert not torch.equal(policy_lp, after)
+    with pytest.raises(RuntimeError, match="frozen reference client"):
+        reference.forward_backward(datums)
+    with pytest.raises(RuntimeError, match="frozen reference client"):
+        reference.optim_step(AdamParams())

@@ -4,9 +4,22 @@ Import from here only (``from training.sdk import ServiceClient, Datum, ...``): 
 against the hosted SDK ports by changing its imports.
 """
 
-from training.sdk.registry import FireworksClient, ModelRegistry, validate_output_model_id
+from training.sdk.registry import (
+    FireworksClient,
+    InvalidModelIdError,
+    ModelExistsError,
+    ModelRegistry,
+    NotPromotableError,
+    RegistryError,
+    validate_output_model_id,
+)
 from training.sdk.service_client import FiretitanServiceClient, ServiceClient
-from training.sdk.store import CheckpointStore, StoreError
+from training.sdk.store import (
+    CheckpointNotFoundError,
+    CheckpointStore,
+    JobNotFoundError,
+    StoreError,
+)
 from training.sdk.training_client import TrainingClient
 from training.sdk.types import (
     AdamParams,
@@ -27,7 +40,8 @@ from training.sdk.types import (
 FiretitanTrainingClient = TrainingClient
 
 __all__ = [
-    "AdamParams", "CheckpointStore", "Datum", "EncodedTextChunk", "FiretitanServiceClient",
+    "AdamParams", "CheckpointNotFoundError", "CheckpointStore", "InvalidModelIdError",
+    "JobNotFoundError", "ModelExistsError", "NotPromotableError", "RegistryError", "Datum", "EncodedTextChunk", "FiretitanServiceClient",
     "FiretitanTrainingClient", "FireworksClient", "ForwardBackwardOutput", "GradAccNormalization",
     "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",

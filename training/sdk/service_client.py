@@ -31,7 +31,7 @@ class ServiceClient:
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_autocast_dtype(mixed_precision, self.device)
         self.account = account
-        self._clients: dict[tuple[str, int], TrainingClient] = {}
+        self._clients: dict[tuple, TrainingClient] = {}
 
     def create_training_client(self, base_model: str, lora_rank: int = 0,
                                user_metadata: dict[str, str] | None = None, *,
@@ -52,6 +52,14 @@ class ServiceClient:
         if lora_rank > 0:
             raise ValueError("lora_rank > 0 (LoRA) is not available in this version; "
                              "use lora_rank=0 for full-parameter training")
+        client = self._new_client(base_model, lora_rank, user_metadata, tokenizer_model,
+                                  job_id=job_id, frozen=False)
+        self._clients[key] = client
+        return client
+
+    def _new_client(self, base_model: str, lora_rank: int,
+                    user_metadata: dict[str, str] | None, tokenizer_model: str | None,
+                    job_id: str | None, frozen: bool) -> TrainingClient:
         if job_id is not None:
             job = self.store.get_job(job_id)
             if job.base_model != base_model or job.lora_rank != lora_rank:
@@ -65,11 +73,33 @@ class ServiceClient:
                                         user_metadata=user_metadata)
         self.store.cleanup_expired(job.job_id)
         client = TrainingClient(store=self.store, job=job, model=model, tokenizer=tokenizer,
-                                device=self.device, autocast_dtype=self.autocast_dtype)
-        self._clients[key] = client
-        logger.info("trainer job %s: %s (%.2fM params) on %s", job.job_id, base_model,
-                    client.num_parameters() / 1e6, self.device)
+                                device=self.device, autocast_dtype=self.autocast_dtype,
+                                frozen=frozen)
+        logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",
+                    job.job_id, base_model, client.num_parameters() / 1e6, self.device)
         return client
+
+    def create_reference_client(self, base_model: str, lora_rank: int = 0,
+                                user_metadata: dict[str, str] | None = None, *,
+                                tokenizer_model: str | None = None) -> TrainingClient:
+        """A frozen copy of ``base_model`` for reference logprobs (KL, DPO): ``forward`` only.
+
+        It is a separate job with its own weights, so later policy updates never change it.
+        """
+        key = ("reference", base_model, lora_rank)
+        if key in self._clients:
+            return self._clients[key]
+        client = self._new_client(base_model, lora_rank, user_metadata, tokenizer_model,
+                                  job_id=None, frozen=True)
+        self._clients[key] = client
+        return client
+
+    def create_base_training_client(self, base_model: str,
+                                    user_metadata: dict[str, str] | None = None,
+                                    ) -> TrainingClient:
+        """A frozen base-model client for reference forward passes (see
+        :meth:`create_reference_client`); never call forward_backward or optim_step on it."""
+        return self.create_reference_client(base_model, 0, user_metadata)
 
     def close(self) -> None:
         self._clients.clear()

@@ -91,7 +91,7 @@ class TrainingClient:
 
     def __init__(self, *, store: CheckpointStore, job: JobRecord, model: torch.nn.Module,
                  tokenizer: Any, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> None:
+                 autocast_dtype: torch.dtype | None, frozen: bool = False) -> None:
         self.store = store
         self.job = job
         self.model = model
@@ -105,6 +105,10 @@ class TrainingClient:
         self._pending_loss_tokens = 0
         self._pending_sequences = 0
         self._pending_backward = False
+        self.frozen = frozen
+        """A reference client: forward passes only (no gradients, no optimizer, no saves)."""
+        if frozen:
+            self.model.requires_grad_(False)
         self.model.train()
 
     # ---------------------------------------------------------------- identity
@@ -236,6 +240,7 @@ class TrainingClient:
         ``cross_entropy`` is ``sum(weights * -logprob(target_tokens))`` over all datums (a sum,
         not a mean: ``optim_step``'s ``grad_accumulation_normalization`` turns it into one).
         """
+        self._check_trainable("forward_backward")
         self._check_loss(loss_fn)
         if loss_fn_config:
             raise ValueError(f"loss {loss_fn!r} takes no loss_fn_config, got {loss_fn_config}")
@@ -252,6 +257,7 @@ class TrainingClient:
         ``datum_from_model_input_weights`` for the alignment of weight-only datums) and returns
         ``(loss, metrics)``: a scalar tensor to differentiate and a dict of floats.
         """
+        self._check_trainable("forward_backward_custom")
         datums = list(datums)
         logprobs, weights = self._logprobs(datums, require_targets=False)
         result = loss_fn(datums, logprobs)
@@ -274,6 +280,12 @@ class TrainingClient:
             metrics={k: float(v) for k, v in (metrics or {}).items()},
         )
         return _done(output)
+
+    def _check_trainable(self, method: str) -> None:
+        if self.frozen:
+            raise RuntimeError(f"{method} on a frozen reference client: it serves forward() "
+                               f"only; train with the policy client from "
+                               f"create_training_client")
 
     def _check_loss(self, loss_fn: str) -> None:
         if loss_fn not in BUILTIN_LOSSES:
@@ -303,6 +315,7 @@ class TrainingClient:
         ``grad_accumulation_normalization`` divides the accumulated gradient by the number of loss
         tokens or sequences first; ``None`` means ``NONE`` (raw sum, as in Tinker).
         """
+        self._check_trainable("optim_step")
         if not self._pending_backward:
             raise RuntimeError("optim_step called with no gradients: call forward_backward "
                                "(or forward_backward_custom) first")
