@@ -303,3 +303,30 @@ def test_reference_client_is_frozen_and_independent(store_root, tiny_model_dir):
         reference.forward_backward(datums)
     with pytest.raises(RuntimeError, match="frozen reference client"):
         reference.optim_step(AdamParams())
+
+
+def test_packing_puts_short_sequences_together_without_cross_attention(make_client):
+    from training.sdk.training_client import pack_sequences
+
+    lengths = [40, 10, 25, 7, 30]
+    inputs = [list(range(1, n + 1)) for n in lengths]
+    batch = pack_sequences(inputs, [torch.tensor(t) for t in inputs], pad_id=0)
+    assert batch.input_ids.shape == (3, 48)  # 112 tokens in rows of 48 instead of 5 rows
+    seen = set()
+    for (row, offset, length), tokens in zip(batch.placements, inputs, strict=True):
+        assert batch.input_ids[row, offset:offset + length].tolist() == tokens
+        assert batch.position_ids[row, offset:offset + length].tolist() == list(range(length))
+        mask = batch.attention_mask[row, 0]
+        # Each position sees exactly its own sequence's earlier positions.
+        assert mask[offset:offset + length, offset:offset + length].sum() == \
+            length * (length + 1) // 2
+        assert mask[offset:offset + length].sum() == length * (length + 1) // 2
+        seen.update((row, p) for p in range(offset, offset + length))
+    assert len(seen) == sum(lengths)
+
+    client = make_client()
+    datums = [_datum(list(range(5, 5 + n))) for n in lengths]
+    packed = client.forward(datums).result()
+    for datum, out in zip(datums, packed.loss_fn_outputs, strict=True):
+        alone = client.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_torch()
+        torch.testing.assert_close(out["logprobs"].to_torch(), alone, atol=1e-5, rtol=0)
