@@ -20,6 +20,7 @@ metrics, progress, and promotion::
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ class ResumableRun:
         present). ``user_state`` is extra recipe state to store with a STATE/BOTH save.
         """
         assert self.checkpoints is not None and self._metrics is not None, "call start() first"
-        self._metrics.log(step, {"data_consumed": data_consumed, **metrics})
+        self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(), **metrics})
         postfix = {k: f"{metrics[k]:.4g}" for k in show if k in metrics}
         if "tokens_per_s" in metrics:
             postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
