@@ -1,0 +1,233 @@
+"""SFT throughput: our sft_loop against TRL's SFTTrainer and a minimal packed loop, side by side.
+
+Each contender runs in its own child process (fresh memory, same thread count), alternating in
+rounds, on the same model, data, max length and batch of 8 sequences with assistant-only loss:
+
+- ``ours``: ``training.recipes.sft_loop.main`` with resumable checkpoints on
+  (``dcp_save_interval=10``), per-document boundaries kept (packing with position resets);
+- ``trl-default``: TRL ``SFTTrainer`` with its defaults (gradient checkpointing on);
+- ``trl-best``: TRL with gradient checkpointing off (its best CPU setting here);
+- ``ceiling``: a minimal loop on pre-tokenized, packed 8 x max_len rows, bf16 autocast, fused
+  AdamW; it ignores document boundaries and does no checkpointing: the practical ceiling.
+
+Prints real (non-pad) tokens/s, s/step and peak RSS per contender, and the ratios. TRL is a
+benchmark-only dependency (``pip install trl``).
+
+    .venv/bin/python benchmarks/sft_throughput.py --steps 30 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONTENDERS = ("ours", "trl-default", "trl-best", "ceiling")
+
+
+# ---------------------------------------------------------------------------- data
+def make_data(path: Path, tokenizer, max_len: int, rows: int = 400) -> None:
+    """Longer multi-turn chats (~60-100% of max_len) built from the bundled sample chats.
+
+    The bundled chats are short (~44 tokens); benchmarks on them would measure per-step
+    overhead, not training throughput, so consecutive conversations are merged.
+    """
+    from training.sdk.tiny_model import SAMPLE_CHATS_PATH
+    from training.utils.data import render_chat
+
+    source = [json.loads(line)["messages"] for line in SAMPLE_CHATS_PATH.read_text().splitlines()]
+    source = [m for m in source if all(msg["role"] in ("user", "assistant") for msg in m)
+              and not any(msg.get("weight") is not None for msg in m)]
+    out, i = [], 0
+    while len(out) < rows:
+        messages: list[dict] = []
+        target = max_len * (0.6 + 0.4 * ((len(out) * 7919) % 100) / 100)
+        while True:
+            candidate = messages + source[i % len(source)]
+            i += 1
+            if len(render_chat(tokenizer, candidate)[0]) > min(target, max_len - 1):
+                break
+            messages = candidate
+        if messages:
+            out.append({"messages": messages})
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------- contenders
+def run_ours(args: argparse.Namespace) -> dict:
+    from training.recipes.sft_loop import Config, main
+    from training.utils import InfraConfig
+    from training.utils.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        main(Config(log_path=f"{tmp}/run", base_model=args.model, dataset=args.data,
+                    batch_size=args.batch_size, max_seq_len=args.max_len,
+                    long_row_policy="truncate", epochs=100, max_steps=args.warmup + args.steps,
+                    learning_rate=1e-4, dcp_save_interval=10,
+                    infra=InfraConfig(storage_root=f"{tmp}/store", num_threads=args.threads)))
+        rows = read_metrics(f"{tmp}/run")
+    timed = rows[args.warmup:]
+    seconds = timed[-1]["time"] - rows[args.warmup - 1]["time"]
+    tokens = sum(r["num_tokens"] for r in timed)
+    return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / len(timed)}
+
+
+def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from training.sdk.tiny_model import ensure_tiny_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = str(ensure_tiny_model(args.model))
+    step_times: list[float] = []
+    tokens_per_step: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {} if gradient_checkpointing is None else {
+            "gradient_checkpointing": gradient_checkpointing}
+        config = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size,
+                           max_length=args.max_len, assistant_only_loss=True, bf16=True,
+                           use_cpu=True, max_steps=args.warmup + args.steps,
+                           learning_rate=1e-4, save_strategy="no", report_to=[],
+                           logging_strategy="no", dataloader_num_workers=0, **extra)
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                             args=config, processing_class=AutoTokenizer.from_pretrained(
+                                 model_dir),
+                             train_dataset=load_dataset("json", data_files=args.data,
+                                                        split="train"),
+                             callbacks=[Timer()])
+        collate = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            tokens_per_step.append(int(batch["attention_mask"].sum()) if "attention_mask"
+                                   in batch else int(batch["input_ids"].numel()))
+            return batch
+
+        trainer.data_collator = counting_collator
+        trainer.train()
+    timed = slice(args.warmup, args.warmup + args.steps)
+    seconds = step_times[timed.stop - 1] - step_times[timed.start - 1]
+    return {"tokens_per_s": sum(tokens_per_step[timed]) / seconds,
+            "s_per_step": seconds / args.steps}
+
+
+def run_ceiling(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.sdk.tiny_model import ensure_tiny_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = str(ensure_tiny_model(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stream: list[int] = []
+    for line in Path(args.data).read_text().splitlines():
+        stream += tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True,
+                                                return_dict=False)
+    width = args.max_len
+    rows = torch.tensor(stream[: len(stream) // width * width]).view(-1, width)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = (step * args.batch_size) % (len(rows) - args.batch_size)
+        batch = rows[start:start + args.batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter())
+    seconds = times[-1] - times[args.warmup - 1]
+    return {"tokens_per_s": args.steps * args.batch_size * width / seconds,
+            "s_per_step": seconds / args.steps}
+
+
+def run_child(args: argparse.Namespace) -> None:
+    runners = {"ours": run_ours, "trl-default": lambda a: run_trl(a, None),
+               "trl-best": lambda a: run_trl(a, False), "ceiling": run_ceiling}
+    result = runners[args.contender](args)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    Path(args.out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- parent
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="homefire/tiny-qwen3-10m")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.contender:
+        run_child(args)
+        return
+
+    from transformers import AutoTokenizer
+
+    from training.sdk.tiny_model import ensure_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="homefire-bench-"))
+    data = tmp / "chats.jsonl"
+    make_data(data, AutoTokenizer.from_pretrained(ensure_tiny_model(args.model)), args.max_len)
+    results: dict[str, list[dict]] = {name: [] for name in args.only}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    for round_index in range(args.rounds):
+        for name in args.only:
+            out = tmp / f"{name}-{round_index}.json"
+            cmd = [sys.executable, __file__, "--contender", name, "--data", str(data),
+                   "--out", str(out), "--model", args.model, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--max-len", str(args.max_len), "--threads", str(args.threads)]
+            print(f"round {round_index + 1}/{args.rounds}: {name} ...", flush=True)
+            child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"{name} failed:\n{child.stderr[-4000:]}")
+            results[name].append(json.loads(out.read_text()))
+
+    def best(name: str, key: str) -> float:
+        return max(r[key] for r in results[name])
+
+    print(f"\nSFT throughput: {args.model}, batch {args.batch_size} x max {args.max_len} tokens, "
+          f"{args.threads} threads, {args.steps} timed steps, best of {args.rounds} round(s)")
+    print(f"{'contender':<12} {'real tok/s':>10} {'s/step':>8} {'peak MB':>8}")
+    for name in args.only:
+        fastest = max(results[name], key=lambda r: r["tokens_per_s"])
+        print(f"{name:<12} {fastest['tokens_per_s']:>10.0f} {fastest['s_per_step']:>8.3f} "
+              f"{fastest['peak_rss_mb']:>8.0f}")
+    if "ours" in results:
+        print()
+        for name in args.only:
+            if name != "ours":
+                ratio = best("ours", "tokens_per_s") / best(name, "tokens_per_s")
+                print(f"ours / {name:<12} {ratio:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
