@@ -339,7 +339,7 @@ def test_grad_clip_norm_bounds_the_update(store_root, tiny_model_dir):
         before = _weights(client)
         client.forward_backward([_datum(_tokens(client, "clip the gradient norm"))]).result()
         grads = {n: p.grad.clone() for n, p in client.model.named_parameters()}
-        # SGD-like check through Adam is opaque; read the clipped gradient the optimizer saw.
+        # Adam hides the gradient scale in the update; read the gradient the optimizer sees.
         captured = {}
         client._ensure_optimizer().register_step_pre_hook(
             lambda opt, *_: captured.update(
@@ -350,5 +350,5 @@ def test_grad_clip_norm_bounds_the_update(store_root, tiny_model_dir):
         assert metrics.metrics["grad_norm"] == pytest.approx(raw, rel=1e-5)
         updates[clip] = captured["norm"]
         assert not _same(before, _weights(client))
-    assert updates[0.0] == pytest.approx(updates[0.0]) and updates[0.0] > 1e-2
+    assert updates[0.0] > 1e-2  # unclipped: the raw gradient norm
     assert updates[1e-3] == pytest.approx(1e-3, rel=1e-3)
