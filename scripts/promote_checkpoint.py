@@ -168,6 +168,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "beside the JSONL file, else the default store)")
     parser.add_argument("--account", default=None,
                         help="account that owns the new model (default: the trainer job's)")
+    parser.add_argument("--merge", action="store_true",
+                        help="for a LoRA checkpoint: merge the adapter into its base and promote "
+                             "a plain transformers model (default: the adapter directory)")
     return parser.parse_args(argv)
 
 
@@ -220,12 +223,17 @@ def _promote(args: argparse.Namespace) -> int:
         name = registry.checkpoint_name(job_id, row.sampler_path)
         print(f"promoting step {row.step}: {name} ({row.where})")
         model = registry.promote_checkpoint(name=name, output_model_id=output_model_id,
-                                            base_model=row.fields.get("base_model"))
+                                            base_model=row.fields.get("base_model"),
+                                            merge=args.merge)
     except (RegistryError, StoreError, ValueError) as e:
         raise PromoteInputError(str(e)) from e
     print(f"model: {model['name']}")
     print(f"path:  {model['path']}")
-    print(f"load it with: AutoModelForCausalLM.from_pretrained({model['path']!r})")
+    if model.get("checkpointType") == "INFERENCE_LORA":
+        print(f"load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+              f"{model['base_model']!r}), {model['path']!r}) (or promote with --merge)")
+    else:
+        print(f"load it with: AutoModelForCausalLM.from_pretrained({model['path']!r})")
     return 0
 
 

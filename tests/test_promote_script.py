@@ -55,7 +55,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if step != 4:
             row["state_path"] = client.save_state(f"step-{step}").result().path
         if step in (2, 4):
-            row["sampler_path"] = client.save_weights_for_sampler_ext(f"step-{step}").snapshot_name
+            row["sampler_path"] = client.save_weights_for_sampler_ext(
+                f"step-{step}", checkpoint_type="base").snapshot_name
         rows.append(row)
     # A resumed run re-saved step 2 as STATE only: --step 2 must still find the sampler row.
     rows.append({"name": "step-2", "step": 2, "data_consumed": 8, "source_job_id": job,

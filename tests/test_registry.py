@@ -58,7 +58,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # A second snapshot (a later step) to promote under a conflicting model id.
     client.forward_backward([datum]).result()
     client.optim_step(AdamParams(learning_rate=1e-2)).result()
-    other_snapshot = client.save_weights_for_sampler_ext("step-2").snapshot_name
+    other_snapshot = client.save_weights_for_sampler_ext(
+        "step-2", checkpoint_type="base").snapshot_name
     return {"root": root, "job_id": client.job_id, "snapshot": snapshot,
             "other_snapshot": other_snapshot, "weights": weights}
 
@@ -246,10 +247,18 @@ def test_state_checkpoint_refused(trained: dict, registry: ModelRegistry) -> Non
     assert not Path(registry.store.model_dir("local", "m")).exists()
 
 
-def test_delta_snapshot_refused(trained: dict, registry: ModelRegistry) -> None:
-    write_snapshot(registry.store, trained["job_id"], "step-3-delta", "INFERENCE_ARC_V2")
+def test_delta_snapshot_refused(registry: ModelRegistry) -> None:
+    client = ServiceClient(registry.store.root, mixed_precision="no").create_training_client(
+        BASE_MODEL)
+    client.save_weights_for_sampler_ext("step-0")  # the base the delta is built on
+    with torch.no_grad():
+        client.model.model.norm.weight.add_(1e-3)
+    delta = client.save_weights_for_sampler_ext("step-3")  # the default after a base: a delta
+    assert registry.store.get_sampler(client.job_id, delta.snapshot_name).snapshot_type == \
+        "INFERENCE_ARC_V2"
     with pytest.raises(NotPromotableError) as excinfo:
-        registry.promote_checkpoint(name=ckpt_name(trained, "step-3-delta"),
+        registry.promote_checkpoint(name=registry.checkpoint_name(client.job_id,
+                                                                  delta.snapshot_name),
                                     output_model_id="m")
     message = str(excinfo.value)
     assert "INFERENCE_ARC_V2" in message and "XOR diff" in message

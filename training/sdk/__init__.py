@@ -4,6 +4,15 @@ Import from here only (``from training.sdk import ServiceClient, Datum, ...``): 
 against the hosted SDK ports by changing its imports.
 """
 
+from training.sdk.deployments import (
+    DeltaReferenceMismatchError,
+    Deployment,
+    DeploymentError,
+    DeploymentManager,
+    DeploymentNotFoundError,
+    DeploymentNotReadyError,
+    HotloadError,
+)
 from training.sdk.registry import (
     FireworksClient,
     InvalidModelIdError,
@@ -13,7 +22,9 @@ from training.sdk.registry import (
     RegistryError,
     validate_output_model_id,
 )
+from training.sdk.sampling import DeploymentSampler, SampledCompletion, SamplingClient
 from training.sdk.service_client import FiretitanServiceClient, ServiceClient
+from training.sdk.snapshots import SnapshotCorruptError, SnapshotError, SnapshotMismatchError
 from training.sdk.store import (
     CheckpointNotFoundError,
     CheckpointStore,
@@ -30,16 +41,24 @@ from training.sdk.types import (
     LoadStateResponse,
     ModelInput,
     OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
     SaveSamplerResult,
     SaveStateResponse,
     SaveWeightsForSamplerResponse,
     TensorData,
     datum_from_model_input_weights,
 )
+from training.sdk.weight_sync import WeightSyncer
 
 FiretitanTrainingClient = TrainingClient
 
 __all__ = [
+    "DeltaReferenceMismatchError", "Deployment", "DeploymentError", "DeploymentManager",
+    "DeploymentNotFoundError", "DeploymentNotReadyError", "DeploymentSampler", "HotloadError",
+    "SampleResponse", "SampledCompletion", "SampledSequence", "SamplingClient", "SamplingParams",
+    "SnapshotCorruptError", "SnapshotError", "SnapshotMismatchError", "WeightSyncer",
     "AdamParams", "CheckpointNotFoundError", "CheckpointStore", "InvalidModelIdError",
     "JobNotFoundError", "ModelExistsError", "NotPromotableError", "RegistryError", "Datum", "EncodedTextChunk", "FiretitanServiceClient",
     "FiretitanTrainingClient", "FireworksClient", "ForwardBackwardOutput", "GradAccNormalization",

@@ -23,6 +23,10 @@ from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.store import CheckpointStore
 from training.sdk.tiny_model import TINY_MODELS, ensure_tiny_model, is_tiny_model
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+"""Files of which a local tokenizer directory must hold at least one."""
+
 _REGISTRY_NAME_RE = re.compile(r"^accounts/([^/]+)/models/([^/]+)$")
 
 
@@ -77,6 +81,15 @@ def load_causal_lm(name: str, store: CheckpointStore | None = None,
 def load_tokenizer(name: str, store: CheckpointStore | None = None):
     """Load the tokenizer (with its chat template) for ``name``."""
     with model_source(name, store) as source:
+        if os.path.isdir(source) and not any(
+                os.path.exists(os.path.join(source, f)) for f in TOKENIZER_FILES):
+            # from_pretrained would "succeed" here with an empty tokenizer built from the model
+            # config, and every row would then render to garbage.
+            raise ModelLoadError(
+                f"tokenizer {name!r}: the directory {source} has no tokenizer files (none of "
+                f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there "
+                f"(tokenizer.save_pretrained(...)) or set tokenizer_model to a directory or hub "
+                f"id that has one")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as e:

@@ -230,8 +230,13 @@ class ModelRegistry:
     def promote_checkpoint(self, name: str | None = None, output_model_id: str | None = None,
                            base_model: str | None = None, *legacy_args: str,
                            job_id: str | None = None, checkpoint_id: str | None = None,
-                           hot_load_deployment_id: str | None = None) -> dict[str, Any]:
+                           hot_load_deployment_id: str | None = None,
+                           merge: bool = False) -> dict[str, Any]:
         """Promote a sampler snapshot to the model ``accounts/<account>/models/<output_model_id>``.
+
+        A LoRA snapshot (``INFERENCE_LORA``) becomes an adapter directory that
+        ``PeftModel.from_pretrained(base, path)`` loads; with ``merge=True`` the adapter is merged
+        into its base and the model is a plain transformers directory instead.
 
         Preferred form: ``promote_checkpoint(name=row["name"], output_model_id=...,
         base_model=...)`` with a row of :meth:`list_checkpoints`. The legacy form
@@ -303,20 +308,39 @@ class ModelRegistry:
                 f"promoted from {existing_source}, not from {name}; choose another "
                 f"output_model_id, or delete {self.store.url(model_dir)} to replace it")
 
+        if merge and snapshot.snapshot_type != "INFERENCE_LORA":
+            raise NotPromotableError(f"merge=True applies to LoRA adapters; {name} is a "
+                                     f"{snapshot.snapshot_type} snapshot (already full weights)")
         source_dir = self.store.sampler_dir(job.job_id, snapshot.name)
         # staging_dir removes a half-copied directory left by an interrupted promotion.
         with self.store.staging_dir(model_dir) as staging:
-            self._copy_snapshot_files(source_dir, staging)
+            if merge:
+                self._merge_adapter(job, source_dir, staging)
+            else:
+                self._copy_snapshot_files(source_dir, staging)
         now = time.time()
+        model_type = "INFERENCE_BASE" if merge else snapshot.snapshot_type
         meta = EntryMeta(
             kind="model", name=output_model_id, job_id=job.job_id, base_model=job.base_model,
-            created_at=now, snapshot_type=snapshot.snapshot_type,
+            created_at=now, snapshot_type=model_type,
             extra={"source_job_id": job.job_id, "source_checkpoint_id": snapshot.name,
                    "source_checkpoint": name, "snapshot_type": snapshot.snapshot_type,
                    "base_model": job.base_model, "promoted_at": _rfc3339(now),
-                   "step": snapshot.extra.get("step")})
+                   "step": snapshot.extra.get("step"), "merged": merge})
         self.store.commit(model_dir, meta)
         return self._model_record(account, meta)
+
+    def _merge_adapter(self, job: JobRecord, adapter_dir: str, out_dir: str) -> None:
+        """Write base + adapter merged into one plain model (with the adapter's tokenizer)."""
+        from transformers import AutoTokenizer
+
+        from training.sdk.lora import merge_adapter
+        from training.sdk.models import model_source
+
+        with model_source(job.base_model, self.store) as base, \
+                self.store.local_copy(adapter_dir) as adapter:
+            merge_adapter(base, adapter, out_dir)
+            AutoTokenizer.from_pretrained(adapter).save_pretrained(out_dir)
 
     def _resolve_promotable(self, name: str) -> tuple[JobRecord, EntryMeta]:
         """The job and sampler snapshot that ``name`` denotes, refusing what cannot be promoted."""

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from training.sdk.models import load_causal_lm, load_tokenizer
+from training.sdk.deployments import DeploymentManager
+from training.sdk.lora import apply_lora
+from training.sdk.models import load_causal_lm, load_tokenizer, model_source
+from training.sdk.sampling import DeploymentSampler, SamplingClient
 from training.sdk.store import CheckpointStore
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
 
@@ -23,21 +31,45 @@ class ServiceClient:
         mixed_precision: ``"auto"`` (bf16 autocast where the hardware is native), ``"bf16"``
             or ``"no"``. Master weights and optimizer state stay fp32 either way.
         account: the account segment of checkpoint and model names (default ``local``).
+        sampler_dtype: dtype of sampler snapshot weights: ``"auto"`` (the dtype the base model
+            is stored in, from its ``config.json``: bf16 for most hub models, fp32 for the
+            built-in tiny ones), ``"bfloat16"``, ``"float32"``... bf16 snapshots are what
+            inference runs and make deltas ~10x smaller at small learning rates; the trainer's
+            fp32 master weights are unaffected.
+        deploy_mgr: the :class:`DeploymentManager` that sampling clients use (default: one on
+            this service's store, created on first use).
+        deployment_id: the deployment that sampling clients use (default: created on first
+            use, for the policy's base model).
     """
 
     def __init__(self, storage_root: str | None = None, *, device: str = "auto",
-                 mixed_precision: str = "auto", account: str | None = None) -> None:
+                 mixed_precision: str = "auto", account: str | None = None,
+                 sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
+                 deployment_id: str | None = None) -> None:
         self.store = CheckpointStore(storage_root)
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_autocast_dtype(mixed_precision, self.device)
         self.account = account
+        self.sampler_dtype = sampler_dtype
         self._clients: dict[tuple, TrainingClient] = {}
+        self._deploy_mgr = deploy_mgr
+        self.deployment_id = deployment_id
+        """The managed deployment's id (set once it is provisioned, or given)."""
+        self.config = ManagedConfig()
+        """What :meth:`from_config` set up (defaults for a bare service)."""
 
     def create_training_client(self, base_model: str, lora_rank: int = 0,
                                user_metadata: dict[str, str] | None = None, *,
                                tokenizer_model: str | None = None,
-                               job_id: str | None = None) -> TrainingClient:
+                               job_id: str | None = None, lora_alpha: float | None = None,
+                               lora_dropout: float = 0.0,
+                               lora_target_modules: list[str] | None = None) -> TrainingClient:
         """A new trainer job for ``base_model`` (or, with ``job_id``, reattach to that job).
+
+        ``lora_rank > 0`` trains a LoRA adapter (peft) on the frozen base instead of all weights;
+        ``lora_alpha`` (default ``2 * lora_rank``), ``lora_dropout`` and ``lora_target_modules``
+        (default: every attention and MLP projection) configure it. A reattached job keeps the
+        adapter settings it was created with.
 
         Raises ValueError for a second client with the same ``(base_model, lora_rank)`` on this
         service: create a new ServiceClient for a separate trainer.
@@ -49,17 +81,21 @@ class ServiceClient:
                              f"ServiceClient for a separate trainer")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-        if lora_rank > 0:
-            raise ValueError("lora_rank > 0 (LoRA) is not available in this version; "
-                             "use lora_rank=0 for full-parameter training")
-        client = self._new_client(base_model, lora_rank, user_metadata, tokenizer_model,
-                                  job_id=job_id, frozen=False)
+        lora = ({"alpha": lora_alpha if lora_alpha is not None else 2 * lora_rank,
+                 "dropout": lora_dropout,
+                 "target_modules": list(lora_target_modules) if lora_target_modules else None}
+                if lora_rank > 0 else None)
+        client = self._new_client(base_model, lora_rank, user_metadata,
+                                  tokenizer_model or self.config.tokenizer_model,
+                                  job_id=job_id or self.config.trainer_job_id, frozen=False,
+                                  lora=lora)
         self._clients[key] = client
         return client
 
     def _new_client(self, base_model: str, lora_rank: int,
                     user_metadata: dict[str, str] | None, tokenizer_model: str | None,
-                    job_id: str | None, frozen: bool) -> TrainingClient:
+                    job_id: str | None, frozen: bool,
+                    lora: dict | None = None) -> TrainingClient:
         if job_id is not None:
             job = self.store.get_job(job_id)
             if job.base_model != base_model or job.lora_rank != lora_rank:
@@ -70,11 +106,17 @@ class ServiceClient:
         model = load_causal_lm(base_model, self.store, dtype=torch.float32, device=self.device)
         if job_id is None:
             job = self.store.create_job(base_model, lora_rank, account=self.account,
-                                        user_metadata=user_metadata)
+                                        user_metadata=user_metadata, lora=lora)
+        if job.lora_rank > 0 and not frozen:
+            settings = job.lora or {}
+            model = apply_lora(model, job.lora_rank, settings.get("alpha"),
+                               settings.get("dropout", 0.0), settings.get("target_modules"))
         self.store.cleanup_expired(job.job_id)
         client = TrainingClient(store=self.store, job=job, model=model, tokenizer=tokenizer,
                                 device=self.device, autocast_dtype=self.autocast_dtype,
-                                frozen=frozen)
+                                frozen=frozen,
+                                sampler_dtype=_resolve_sampler_dtype(self.sampler_dtype,
+                                                                     base_model, self.store))
         logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",
                     job.job_id, base_model, client.num_parameters() / 1e6, self.device)
         return client
@@ -84,13 +126,24 @@ class ServiceClient:
                                 tokenizer_model: str | None = None) -> TrainingClient:
         """A frozen copy of ``base_model`` for reference logprobs (KL, DPO): ``forward`` only.
 
-        It is a separate job with its own weights, so later policy updates never change it.
+        For a full-parameter policy it is a separate job with its own weights, so later policy
+        updates never change it. For a LoRA policy (``lora_rank > 0``) created on this service it
+        is the policy's model with the adapter disabled.
         """
         key = ("reference", base_model, lora_rank)
         if key in self._clients:
             return self._clients[key]
-        client = self._new_client(base_model, lora_rank, user_metadata, tokenizer_model,
-                                  job_id=None, frozen=True)
+        policy = self._clients.get((base_model, lora_rank))
+        if lora_rank > 0 and policy is not None:
+            # The LoRA policy's own model with its adapter switched off is exactly the base:
+            # no second copy of the weights.
+            client = TrainingClient(store=self.store, job=policy.job, model=policy.model,
+                                    tokenizer=policy.tokenizer, device=self.device,
+                                    autocast_dtype=self.autocast_dtype, frozen=True,
+                                    adapter_disabled=True, sampler_dtype=policy.sampler_dtype)
+        else:
+            client = self._new_client(base_model, 0, user_metadata, tokenizer_model,
+                                      job_id=None, frozen=True)
         self._clients[key] = client
         return client
 
@@ -98,10 +151,127 @@ class ServiceClient:
                                     user_metadata: dict[str, str] | None = None,
                                     ) -> TrainingClient:
         """A frozen base-model client for reference forward passes (see
-        :meth:`create_reference_client`); never call forward_backward or optim_step on it."""
-        return self.create_reference_client(base_model, 0, user_metadata)
+        :meth:`create_reference_client`); never call forward_backward or optim_step on it.
+
+        With a LoRA policy on ``base_model`` in this service, it is that policy's model with the
+        adapter disabled (no second copy); otherwise a frozen copy of the base."""
+        lora_ranks = [rank for (name, rank) in (k for k in self._clients if len(k) == 2)
+                      if name == base_model and rank > 0]
+        return self.create_reference_client(base_model, lora_ranks[0] if lora_ranks else 0,
+                                            user_metadata)
+
+    # ---------------------------------------------------------------- managed service
+    @classmethod
+    def from_config(cls, base_model: str, *, tokenizer_model: str | None = None,
+                    lora_rank: int = 0, deployment_id: str | None = None,
+                    create_deployment: bool = True, replica_count: int = 1,
+                    trainer_job_id: str | None = None, learning_rate: float | None = None,
+                    cleanup_trainer_on_close: bool = False,
+                    cleanup_deployment_on_close: str | None = None,
+                    storage_root: str | None = None, device: str = "auto",
+                    mixed_precision: str = "auto", sampler_dtype: str = "auto",
+                    deploy_mgr: DeploymentManager | None = None, engine: str = "auto",
+                    api_key: str | None = None, base_url: str | None = None,
+                    **unused: Any) -> ServiceClient:
+        """A lazily provisioned service: trainer and deployment start on first use.
+
+        The trainer starts at :meth:`create_training_client` (reattaching ``trainer_job_id`` if
+        given); the deployment (``deployment_id``, created or reattached in ``deploy_mgr``)
+        at the first sampling call. ``cleanup_deployment_on_close`` is ``"scale_to_zero"``,
+        ``"delete"`` or None; ``cleanup_trainer_on_close`` frees the policy model on
+        :meth:`close` (its checkpoints stay in the store). ``api_key``, ``base_url`` and the
+        hosted-only fields (``training_shape_id``, ...) are accepted and ignored.
+        """
+        del api_key, base_url, unused  # hosted-only settings: nothing to connect to locally
+        if cleanup_deployment_on_close not in (None, "scale_to_zero", "delete"):
+            raise ValueError(f"cleanup_deployment_on_close={cleanup_deployment_on_close!r}: "
+                             f"expected 'scale_to_zero', 'delete' or None")
+        service = cls(storage_root, device=device, mixed_precision=mixed_precision,
+                      sampler_dtype=sampler_dtype, deploy_mgr=deploy_mgr,
+                      deployment_id=deployment_id)
+        service.config = ManagedConfig(
+            base_model=base_model, tokenizer_model=tokenizer_model, lora_rank=lora_rank,
+            create_deployment=create_deployment, replica_count=replica_count,
+            trainer_job_id=trainer_job_id, learning_rate=learning_rate,
+            cleanup_trainer_on_close=cleanup_trainer_on_close,
+            cleanup_deployment_on_close=cleanup_deployment_on_close, engine=engine)
+        return service
+
+    from_firetitan_config = from_config
+
+    @property
+    def trainer_job_id(self) -> str | None:
+        """The policy trainer's job id (None before :meth:`create_training_client`)."""
+        policy = self._policy_client()
+        return policy.job_id if policy is not None else self.config.trainer_job_id
+
+    @property
+    def deploy_mgr(self) -> DeploymentManager:
+        if self._deploy_mgr is None:
+            self._deploy_mgr = DeploymentManager(self.store, device=str(self.device),
+                                                 engine=self.config.engine)
+        return self._deploy_mgr
+
+    def _policy_client(self) -> TrainingClient | None:
+        return next((c for key, c in self._clients.items() if key[0] != "reference"), None)
+
+    def _deployment(self) -> str:
+        """Provision (create or reattach) the managed deployment; returns its id."""
+        if not self.config.create_deployment:
+            raise RuntimeError("this service was configured with create_deployment=False: it "
+                               "has no deployment to sample from; set create_deployment=True")
+        policy = self._policy_client()
+        base_model = self.config.base_model or (policy.base_model if policy else None)
+        if base_model is None:
+            raise RuntimeError("no base model to deploy: call create_training_client first, or "
+                               "create the service with ServiceClient.from_config(base_model)")
+        self.deployment_id = self.deploy_mgr.create_or_get(
+            base_model, self.deployment_id or f"deploy-{secrets.token_hex(4)}",
+            tokenizer_model=self.config.tokenizer_model, replica_count=self.config.replica_count,
+        ).deployment_id
+        return self.deployment_id
+
+    def hotload_sampler_snapshot(self, model_path: str) -> list[str]:
+        """Sync a sampler snapshot (``SaveSamplerResult.path``, or a bare snapshot name of the
+        policy job) onto the managed deployment, loading its delta chain as needed; returns
+        the identities loaded."""
+        deployment_id = self._deployment()
+        policy = self._policy_client()
+        return self.deploy_mgr.sync(deployment_id, model_path,
+                                    default_job_id=policy.job_id if policy else None)
+
+    def create_sampling_client(self, model_path: str | None = None,
+                               base_model: str | None = None) -> SamplingClient:
+        """A Tinker-shaped sampler on the managed deployment, first synced to ``model_path``."""
+        del base_model  # the deployment's base model is the service's
+        deployment_id = self._deployment()
+        if model_path is not None:
+            self.hotload_sampler_snapshot(model_path)
+        return SamplingClient(self.deploy_mgr, deployment_id, model_path)
+
+    def create_deployment_sampler(self, model_path: str | None = None, tokenizer: Any = None,
+                                  concurrency_controller: Any = None) -> DeploymentSampler:
+        """The native sampler (``sample_with_tokens``) on the managed deployment."""
+        deployment_id = self._deployment()
+        if model_path is not None:
+            self.hotload_sampler_snapshot(model_path)
+        return DeploymentSampler(self.deploy_mgr, deployment_id, tokenizer=tokenizer,
+                                 concurrency_controller=concurrency_controller)
 
     def close(self) -> None:
+        """Apply the configured cleanups and drop the clients."""
+        action = self.config.cleanup_deployment_on_close
+        if action is not None and self.deployment_id is not None and self._deploy_mgr:
+            live = {d.deployment_id for d in self._deploy_mgr.list_deployments()}
+            if self.deployment_id in live:
+                if action == "delete":
+                    self._deploy_mgr.delete(self.deployment_id)
+                else:
+                    self._deploy_mgr.scale_to_zero(self.deployment_id)
+        if self.config.cleanup_trainer_on_close:
+            policy = self._policy_client()
+            if policy is not None:
+                policy.model = None  # free the weights; the job and its checkpoints remain
         self._clients.clear()
 
     def __enter__(self) -> ServiceClient:
@@ -109,6 +279,41 @@ class ServiceClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class ManagedConfig:
+    """The provisioning settings of a service made by :meth:`ServiceClient.from_config`."""
+
+    base_model: str | None = None
+    tokenizer_model: str | None = None
+    lora_rank: int = 0
+    create_deployment: bool = True
+    replica_count: int = 1
+    trainer_job_id: str | None = None
+    learning_rate: float | None = None
+    """Recorded only: the learning rate is passed to each ``optim_step``."""
+    cleanup_trainer_on_close: bool = False
+    cleanup_deployment_on_close: str | None = None
+    engine: str = "auto"
+
+
+def _resolve_sampler_dtype(sampler_dtype: str, base_model: str,
+                           store: CheckpointStore) -> torch.dtype:
+    if sampler_dtype != "auto":
+        dtype = getattr(torch, sampler_dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"sampler_dtype={sampler_dtype!r}: expected 'auto', 'bfloat16', "
+                             f"'float16' or 'float32'")
+        return dtype
+    with model_source(base_model, store) as source:
+        config_path = os.path.join(source, "config.json")
+        if not os.path.isfile(config_path):
+            return torch.float32  # a hub id served from the HF cache: keep the trainer's dtype
+        with open(config_path) as f:
+            config = json.load(f)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
 
 
 # The hosted SDK's names, so ported scripts only change their imports.

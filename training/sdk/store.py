@@ -8,6 +8,7 @@ machine or another that sees the same URL, can resolve ``job_id:checkpoint_name`
     {root}/jobs/{job_id}/states/{name}/                 DCP train state + meta.json
     {root}/jobs/{job_id}/samplers/{snapshot_name}/      HF weights for inference + meta.json
     {root}/models/accounts/{account}/models/{id}/       promoted models + meta.json
+    {root}/cache/{namespace}/{key}                      derived data (e.g. reference log-probs)
 
 An entry exists only once its ``meta.json`` is written, and ``meta.json`` is written last, so a
 save that dies half-way leaves a directory that readers ignore and the next save of the same name
@@ -33,12 +34,20 @@ from typing import Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from training.faults import fault_point
+
 CROSS_JOB_SCHEME = "cross_job://"
 META_FILE = "meta.json"
 DEFAULT_ACCOUNT = "local"
 
 SnapshotType = Literal["INFERENCE_BASE", "INFERENCE_LORA", "INFERENCE_ARC_V2"]
 PROMOTABLE_SNAPSHOT_TYPES = ("INFERENCE_BASE", "INFERENCE_LORA")
+DELTA_MANIFEST_FILE = "delta_manifest.json"
+"""Present in (and only in) an XOR delta snapshot; see :mod:`training.sdk.snapshots`."""
+WEIGHTS_MANIFEST_FILE = "weights_manifest.json"
+"""Per-tensor dtype, shape and SHA-256 of a base snapshot's weights."""
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""The PEFT file that marks a LoRA adapter snapshot."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _JOB_ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -114,6 +123,9 @@ class JobRecord:
     account: str = DEFAULT_ACCOUNT
     created_at: float = field(default_factory=time.time)
     user_metadata: dict[str, str] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+    """LoRA settings of a lora_rank > 0 job (alpha, dropout, target_modules), so a reattached
+    job rebuilds the same adapter."""
 
 
 @dataclass
@@ -171,6 +183,43 @@ class CheckpointStore:
     def model_dir(self, account: str, model_id: str) -> str:
         return self._join("models", "accounts", account, "models", model_id)
 
+    def cache_path(self, namespace: str, key: str) -> str:
+        """Path of a derived-data cache file, ``{root}/cache/{namespace}/{key}``.
+
+        For values that are expensive to compute and fully determined by ``key`` (reference
+        log-probs of a dataset under a model, ...): any run on the same store reuses them.
+        Write it with :meth:`write_bytes_atomic`, read it with :meth:`read_bytes`.
+        """
+        return self._join("cache", validate_name(namespace, "cache namespace"),
+                          validate_name(key, "cache key"))
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write a whole file so that readers see either the old file or the new one, never a
+        torn one (local: write-fsync-rename; remote: one object upload)."""
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if not self.is_local:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+            return
+        tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """A file's contents, or None if it does not exist."""
+        try:
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     def url(self, path: str) -> str:
         """The fsspec URL of a store path (for DCP readers/writers and users)."""
         return path if self.is_local else self.fs.unstrip_protocol(path)
@@ -203,10 +252,12 @@ class CheckpointStore:
     # ---------------------------------------------------------------- jobs
     def create_job(self, base_model: str, lora_rank: int = 0, job_id: str | None = None,
                    account: str | None = None,
-                   user_metadata: dict[str, str] | None = None) -> JobRecord:
+                   user_metadata: dict[str, str] | None = None,
+                   lora: dict[str, Any] | None = None) -> JobRecord:
         job = JobRecord(job_id=validate_name(job_id, "job id") if job_id else new_job_id(),
                         base_model=base_model, lora_rank=lora_rank,
-                        account=account or default_account(), user_metadata=user_metadata or {})
+                        account=account or default_account(), user_metadata=user_metadata or {},
+                        lora=lora)
         if self.fs.exists(self._join("jobs", job.job_id, "job.json")):
             raise StoreError(f"job {job.job_id!r} already exists in {self.root_url}")
         self.fs.makedirs(self.job_dir(job.job_id), exist_ok=True)
@@ -239,7 +290,13 @@ class CheckpointStore:
             self.fs.rm(final_dir, recursive=True)
         if self.is_local:
             os.makedirs(final_dir, exist_ok=True)
-            yield final_dir
+            try:
+                yield final_dir
+            except BaseException:
+                # Free the space now (a disk-full save must not make things worse); a crash
+                # that skips this leaves a dir without meta.json, cleaned on the next run.
+                shutil.rmtree(final_dir, ignore_errors=True)
+                raise
             return
         with tempfile.TemporaryDirectory(prefix="homefire-stage-") as tmp:
             yield tmp
@@ -249,6 +306,7 @@ class CheckpointStore:
         """Publish an entry by writing its ``meta.json`` (the last file written)."""
         if self.is_local:
             _fsync_tree(entry_dir)
+        fault_point(f"commit.{meta.kind}")  # test hook: all files written, meta.json not yet
         self._write_json(f"{entry_dir}/{META_FILE}", asdict(meta))
 
     def read_meta(self, entry_dir: str) -> EntryMeta | None:
@@ -299,8 +357,30 @@ class CheckpointStore:
                 f"{' (it expired)' if meta is not None else ''}; its snapshots: {known}")
         return meta
 
-    def cleanup_expired(self, job_id: str) -> list[str]:
-        """Delete the job's expired states and snapshots; returns what was deleted."""
+    def infer_snapshot_type(self, entry_dir: str) -> SnapshotType:
+        """A sampler snapshot's type, from the files it holds.
+
+        ``delta_manifest.json`` makes an ``INFERENCE_ARC_V2`` delta, ``adapter_config.json`` an
+        ``INFERENCE_LORA`` adapter, and ``config.json`` with safetensors weights an
+        ``INFERENCE_BASE`` model. Raises StoreError for anything else.
+        """
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(entry_dir, detail=False)}
+        if DELTA_MANIFEST_FILE in names:
+            return "INFERENCE_ARC_V2"
+        if ADAPTER_CONFIG_FILE in names:
+            return "INFERENCE_LORA"
+        if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+            return "INFERENCE_BASE"
+        raise StoreError(f"{self.url(entry_dir)} is not a sampler snapshot: it has neither "
+                         f"{DELTA_MANIFEST_FILE}, {ADAPTER_CONFIG_FILE}, nor config.json with "
+                         f"safetensors weights (files: {', '.join(sorted(names)) or 'none'})")
+
+    def cleanup_expired(self, job_id: str, keep: set[str] | frozenset[str] = frozenset(),
+                        ) -> list[str]:
+        """Delete the job's expired states and snapshots; returns what was deleted.
+
+        Entries named in ``keep`` (e.g. the state a resume needs) are never deleted.
+        """
         deleted = []
         for sub in ("states", "samplers"):
             parent = self._join("jobs", job_id, sub)
@@ -308,10 +388,24 @@ class CheckpointStore:
                 continue
             for path in self.fs.ls(parent, detail=False):
                 meta = self.read_meta(path.rstrip("/"))
-                if meta is not None and meta.expired:
+                if meta is not None and meta.expired and meta.name not in keep:
                     self.delete(path.rstrip("/"))
                     deleted.append(f"{sub}/{meta.name}")
         return deleted
+
+    def incomplete_entries(self, job_id: str) -> list[str]:
+        """The job's state and snapshot directories without ``meta.json``: saves that died
+        half-way (or are being written right now by the job's live trainer)."""
+        found = []
+        for sub in ("states", "samplers"):
+            parent = self._join("jobs", job_id, sub)
+            if not self.fs.exists(parent):
+                continue
+            for path in self.fs.ls(parent, detail=False):
+                path = path.rstrip("/")
+                if self.fs.isdir(path) and not self.fs.exists(f"{path}/{META_FILE}"):
+                    found.append(path)
+        return sorted(found)
 
     @contextmanager
     def local_copy(self, entry_dir: str) -> Iterator[str]:

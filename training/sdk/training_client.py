@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -29,6 +31,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from training.sdk.hf_quiet import progress_bars_disabled
+from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
+from training.sdk.snapshots import (
+    encode_delta,
+    make_snapshot_identity,
+    sampler_weights,
+    write_base_snapshot,
+)
 from training.sdk.store import (
     CheckpointStore,
     EntryMeta,
@@ -55,6 +64,22 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 BUILTIN_LOSSES = ("cross_entropy",)
+
+
+def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
+    """What a train state holds: every weight for full fine-tuning (trainable or, in a frozen
+    reference client, not), only the adapter for LoRA (the frozen base is reloaded from
+    base_model).
+
+    DCP's ``ignore_frozen_params`` alone would keep a tied ``lm_head`` of a frozen base, because
+    tied parameters are deduplicated out of ``named_parameters()``; filter on the full list.
+    """
+    if not lora:
+        return get_model_state_dict(model)
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False)
+                 if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 def _done(value: T) -> Future[T]:
@@ -92,7 +117,9 @@ class TrainingClient:
 
     def __init__(self, *, store: CheckpointStore, job: JobRecord, model: torch.nn.Module,
                  tokenizer: Any, device: torch.device,
-                 autocast_dtype: torch.dtype | None, frozen: bool = False) -> None:
+                 autocast_dtype: torch.dtype | None, frozen: bool = False,
+                 adapter_disabled: bool = False,
+                 sampler_dtype: torch.dtype | None = None) -> None:
         self.store = store
         self.job = job
         self.model = model
@@ -108,7 +135,13 @@ class TrainingClient:
         self._pending_backward = False
         self.frozen = frozen
         """A reference client: forward passes only (no gradients, no optimizer, no saves)."""
-        if frozen:
+        self.sampler_dtype = sampler_dtype or next(model.parameters()).dtype
+        """dtype of sampler snapshot weights (the trainer's own weights stay as they are)."""
+        self._sampler_chain: _SamplerChainHead | None = None
+        self.adapter_disabled = adapter_disabled
+        """Forward passes run the base model under the LoRA adapter (a LoRA policy's reference
+        shares the policy's model instead of loading a second copy)."""
+        if frozen and not adapter_disabled:
             self.model.requires_grad_(False)
         self.model.train()
 
@@ -176,8 +209,10 @@ class TrainingClient:
             weights.append(w)
 
         batch = pack_sequences(inputs, targets, pad_id=self.tokenizer.pad_token_id or 0)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
+        adapter_off = adapter_disabled(self.model) if self.adapter_disabled else nullcontext()
+        with adapter_off, torch.autocast(self.device.type,
+                                         dtype=self.autocast_dtype or torch.bfloat16,
+                                         enabled=self.autocast_dtype is not None):
             logits = self.model(input_ids=batch.input_ids.to(self.device),
                                 position_ids=batch.position_ids.to(self.device),
                                 attention_mask=batch.attention_mask.to(self.device),
@@ -354,7 +389,7 @@ class TrainingClient:
         """
         validate_name(name)
         state: dict[str, Any] = {
-            "model": get_model_state_dict(self.model),
+            "model": _train_state_dict(self.model, lora=self.job.lora_rank > 0),
             "trainer": {"step": self._step},
             "user_state": pickle.dumps(user_state or {}),
         }
@@ -390,14 +425,17 @@ class TrainingClient:
         self.model.zero_grad(set_to_none=True)
         self._pending_backward = False
         self._pending_loss_tokens = self._pending_sequences = 0
-        state: dict[str, Any] = {"model": get_model_state_dict(self.model),
+        lora = self.job.lora_rank > 0
+        state: dict[str, Any] = {"model": _train_state_dict(self.model, lora),
                                  "trainer": {"step": 0}, "user_state": b""}
         restore_optimizer = with_optimizer and meta.extra.get("has_optimizer", False)
         if restore_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self._ensure_optimizer())
         with self.store.local_copy(self.store.state_dir(job_id, name)) as local:
             _dcp_call(dcp.load, state, local, f"loading train state {job_id}:{name}")
-        set_model_state_dict(self.model, state["model"])
+        # A LoRA state holds exactly the adapter (DCP refuses a checkpoint that lacks any of it),
+        # so non-strict only skips the frozen base weights.
+        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=not lora))
         if restore_optimizer:
             set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
         self._step = int(state["trainer"]["step"]) if with_optimizer else 0
@@ -413,6 +451,16 @@ class TrainingClient:
         self.store.get_state(source_job_id, checkpoint_name)
         return make_cross_job_ref(source_job_id, checkpoint_name)
 
+    def load_adapter(self, adapter_path: str) -> Future[None]:
+        """Load a PEFT adapter directory's weights into this LoRA session (weights only: the
+        optimizer, schedule and data cursor are untouched)."""
+        if self.job.lora_rank <= 0:
+            raise ValueError(f"load_adapter needs a LoRA session (lora_rank > 0); job "
+                             f"{self.job_id} trains all weights")
+        self._check_trainable("load_adapter")
+        load_adapter_weights(self.model, adapter_path)
+        return _done(None)
+
     # ---------------------------------------------------------------- sampler weights
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  checkpoint_type: str | None = None,
@@ -425,24 +473,77 @@ class TrainingClient:
                                      ttl_seconds: int | None = None) -> SaveSamplerResult:
         """Like ``save_weights_for_sampler`` but returns the :class:`SaveSamplerResult` directly.
 
-        The snapshot is a Hugging Face directory (safetensors + config + tokenizer) that
-        ``AutoModelForCausalLM.from_pretrained`` loads, typed ``INFERENCE_BASE``.
+        ``checkpoint_type``:
+
+        * ``"base"``: a Hugging Face directory (safetensors + config + tokenizer) that
+          ``AutoModelForCausalLM.from_pretrained`` loads, typed ``INFERENCE_BASE``; promotable.
+        * ``"delta"``: the XOR of these weights against the previous snapshot of this session's
+          chain, zstd-compressed (``INFERENCE_ARC_V2``, see :mod:`training.sdk.snapshots`);
+          typically ~10x smaller than a base at small learning rates; not promotable.
+        * ``None`` (default): ``"base"`` for the first snapshot of the session (or after
+          :meth:`reset_sampler_chain`), ``"delta"`` after that.
+
+        Weights are stored in :attr:`sampler_dtype`. ``ttl_seconds`` expires the snapshot (a
+        delta whose chain lost a snapshot can still be hot-loaded onto a deployment that holds
+        its reference, but no longer rebuilt from the store).
+
+        Raises:
+            ValueError: an unknown ``checkpoint_type``, or ``"delta"`` with no base saved yet in
+                this session.
+            StoreError: the snapshot could not be written.
         """
-        if checkpoint_type not in (None, "base"):
-            raise ValueError(f"checkpoint_type={checkpoint_type!r}: this trainer saves full "
-                             f"('base') sampler snapshots only")
+        if checkpoint_type not in (None, "base", "delta"):
+            raise ValueError(f"checkpoint_type={checkpoint_type!r}: expected 'base', 'delta' or "
+                             f"None (base first, then deltas)")
+        if self.job.lora_rank > 0:
+            checkpoint_type = "base"  # adapters are small and standalone: no delta chain
+        chain = self._sampler_chain
+        resolved = checkpoint_type or ("delta" if chain is not None else "base")
+        if resolved == "delta" and chain is None:
+            raise ValueError(f"cannot save sampler snapshot {name!r} as a delta: job "
+                             f"{self.job_id} has no base snapshot in this session to build the "
+                             f"chain on; save one with checkpoint_type='base' first")
         snapshot_name = f"{validate_name(name)}-{self.session_id}"
+        identity = make_snapshot_identity(self.job_id, snapshot_name)
         entry_dir = self.store.sampler_dir(self.job_id, snapshot_name)
-        with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
-            self.model.save_pretrained(local, safe_serialization=True)
-            self.tokenizer.save_pretrained(local)
+        lora = self.job.lora_rank > 0
+        # An adapter is saved as itself; only full-parameter snapshots need a weights copy.
+        weights = {} if lora else sampler_weights(self.model, self.sampler_dtype)
+        extra: dict[str, Any] = {"step": self._step,
+                                 "dtype": str(self.sampler_dtype).removeprefix("torch.")}
+        try:
+            with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
+                if lora:
+                    save_adapter(self.model, local)
+                    self.tokenizer.save_pretrained(local)
+                elif resolved == "base":
+                    write_base_snapshot(local, self.model, self.tokenizer, weights)
+                else:
+                    stats = encode_delta(weights, chain.weights, local,
+                                         reference_identity=chain.identity)
+                    extra.update(reference=chain.identity, delta_bytes=stats.compressed_bytes,
+                                 raw_bytes=stats.raw_bytes)
+        except OSError as e:
+            raise StoreError(f"saving sampler snapshot {snapshot_name!r} of job {self.job_id} "
+                             f"failed in {self.store.url(entry_dir)}: {e}") from e
         now = time.time()
         self.store.commit(entry_dir, EntryMeta(
             kind="sampler", name=snapshot_name, job_id=self.job_id, base_model=self.base_model,
             created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
-            snapshot_type="INFERENCE_BASE", extra={"step": self._step}))
-        return SaveSamplerResult(path=f"sampler://{self.job_id}/{snapshot_name}",
-                                 snapshot_name=snapshot_name)
+            snapshot_type=self.store.infer_snapshot_type(entry_dir), extra=extra))
+        if not lora:
+            # Only a committed snapshot may become the reference of the next delta.
+            self._sampler_chain = _SamplerChainHead(identity=identity, weights=weights)
+        return SaveSamplerResult(path=identity, snapshot_name=snapshot_name)
+
+    @property
+    def sampler_chain_head(self) -> str | None:
+        """Identity of the snapshot the next delta will reference (None: the next is a base)."""
+        return self._sampler_chain.identity if self._sampler_chain is not None else None
+
+    def reset_sampler_chain(self) -> None:
+        """Make the next default ``save_weights_for_sampler[_ext]`` a base snapshot."""
+        self._sampler_chain = None
 
 
 @dataclass
@@ -497,6 +598,15 @@ def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tens
     # Padding attends to itself so no softmax row is empty (an all-masked row gives NaN).
     mask = (same & causal) | torch.eye(row_len, dtype=torch.bool)
     return PackedBatch(input_ids, target_ids, position_ids, mask[:, None], placements)
+
+
+@dataclass
+class _SamplerChainHead:
+    """The last sampler snapshot of the session: the reference of the next delta."""
+
+    identity: str
+    weights: dict[str, torch.Tensor]
+    """Its tensors exactly as stored (CPU, sampler dtype): one model's worth of memory."""
 
 
 def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str) -> None:

@@ -212,3 +212,63 @@ class SaveSamplerResult:
 
 # Tinker's name for the future's payload of save_weights_for_sampler.
 SaveWeightsForSamplerResponse = SaveSamplerResult
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions (Tinker's fields).
+
+    ``stop`` is a string, a list of strings, or a list of token ids; generation also stops at
+    the tokenizer's end-of-sequence token. ``temperature=0`` is greedy decoding. The same
+    ``seed`` with the same request gives the same completions.
+    """
+
+    max_tokens: int = 64
+    """Most new tokens per completion."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """Keep the ``top_k`` most likely tokens; -1 (or 0) disables the cut."""
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+    def stop_token_ids(self) -> list[int]:
+        return [int(s) for s in self._stops() if not isinstance(s, str)]
+
+    def stop_strings(self) -> list[str]:
+        return [s for s in self._stops() if isinstance(s, str)]
+
+    def _stops(self) -> list[str | int]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+StopReason = Literal["stop", "length"]
+"""``stop``: a stop token or string (or end of sequence) ended it; ``length``: max_tokens did."""
+
+
+@dataclass
+class SampledSequence:
+    """One sampled completion: its tokens (stop token included) and their logprobs."""
+
+    stop_reason: StopReason
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    """``log p(token_i | prompt, tokens_<i)`` under the model at temperature 1 (what a forward
+    pass gives), one per token."""
+
+
+@dataclass
+class SampleResponse:
+    """Result of ``SamplingClient.sample``: ``num_samples`` sequences for the prompt."""
+
+    sequences: list[SampledSequence]

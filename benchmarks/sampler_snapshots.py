@@ -1,0 +1,161 @@
+"""Sampler snapshot benchmarks: delta size, hotload time, batched sampling throughput.
+
+    .venv/bin/python benchmarks/sampler_snapshots.py [--model homefire/tiny-qwen3-10m]
+
+Every figure is a ratio of two measurements taken in the same run, on the same machine:
+
+1. delta size / base size after one AdamW step at lr 1e-5 and at lr 1e-3 (bf16 snapshots;
+   fp32 and "no byte planes" for comparison). Target: <= 1/10 at lr 1e-5.
+2. hotload time of a delta / full reload time (a fresh engine from the base snapshot
+   directory, what restarting a deployment costs), and / in-place hotload of the base.
+   Target: <= 1/3 of the full reload.
+3. batched sampling tokens/s (8 prompts x 32 new tokens in one batch) / the same prompts
+   generated one at a time with plain ``model.generate``. Target: >= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.sdk import (  # noqa: E402  (after the path fix)
+    AdamParams,
+    Datum,
+    DeploymentManager,
+    ModelInput,
+    SamplingParams,
+    ServiceClient,
+)
+from training.sdk.deployments import TransformersEngine  # noqa: E402
+from training.sdk.snapshots import encode_delta, sampler_weights  # noqa: E402
+
+
+def _batch(vocab: int, rows: int = 8, length: int = 128, seed: int = 0) -> list[Datum]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (rows, length + 1), generator=generator)
+    return [Datum(model_input=ModelInput.from_ints(row[:-1].tolist()),
+                  loss_fn_inputs={"target_tokens": row[1:]}) for row in tokens]
+
+
+def _step(client, datums: list[Datum], lr: float) -> None:
+    client.forward_backward(datums).result()
+    client.optim_step(AdamParams(learning_rate=lr), "num_loss_tokens").result()
+
+
+def delta_sizes(model: str, root: str) -> dict[str, float]:
+    """delta bytes / base bytes for one step at each learning rate."""
+    ratios = {}
+    for dtype in ("bfloat16", "float32"):
+        service = ServiceClient(os.path.join(root, f"sizes-{dtype}"), device="cpu",
+                                sampler_dtype=dtype)
+        client = service.create_training_client(model)
+        datums = _batch(len(client.get_tokenizer()))
+        for lr in (1e-5, 1e-3):
+            client.save_weights_for_sampler_ext(f"base-{lr}", checkpoint_type="base")
+            reference = sampler_weights(client.model, client.sampler_dtype)
+            _step(client, datums, lr)
+            delta = client.save_weights_for_sampler_ext(f"delta-{lr}")
+            extra = client.store.get_sampler(client.job_id, delta.snapshot_name).extra
+            ratios[f"{dtype} lr={lr:g}"] = extra["delta_bytes"] / extra["raw_bytes"]
+            if dtype == "bfloat16":
+                with tempfile.TemporaryDirectory() as tmp:
+                    stats = encode_delta(sampler_weights(client.model, client.sampler_dtype),
+                                         reference, tmp, reference_identity="x",
+                                         byte_planes=False)
+                ratios[f"{dtype} lr={lr:g} (no byte planes)"] = stats.ratio
+    return ratios
+
+
+def hotload_times(model: str, root: str, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of a delta hotload, a base hotload and a full reload."""
+    service = ServiceClient(os.path.join(root, "hotload"), device="cpu",
+                            sampler_dtype="bfloat16")
+    client = service.create_training_client(model)
+    datums = _batch(len(client.get_tokenizer()))
+    base = client.save_weights_for_sampler_ext("base")
+    _step(client, datums, 1e-5)
+    delta = client.save_weights_for_sampler_ext("delta")
+    manager = DeploymentManager(service.store, device="cpu", engine="transformers")
+    manager.create_deployment(model, "bench")
+    base_dir = service.store.sampler_dir(client.job_id, base.snapshot_name)
+    times: dict[str, list[float]] = {"delta hotload": [], "base hotload": [],
+                                     "full reload": []}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        manager.hotload("bench", base.path, reset_prompt_cache=False)
+        times["base hotload"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        manager.hotload("bench", delta.path, reset_prompt_cache=False)
+        times["delta hotload"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        TransformersEngine.from_pretrained(base_dir, dtype=torch.float32)
+        times["full reload"].append(time.perf_counter() - started)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def sampling_throughput(model: str, root: str, prompts: int = 8,
+                        new_tokens: int = 32) -> dict[str, float]:
+    """Generated tokens/s of one batched call vs one prompt at a time."""
+    manager = DeploymentManager(os.path.join(root, "sampling"), device="cpu",
+                                engine="transformers")
+    deployment = manager.create_deployment(model, "bench")
+    engine = deployment.engine
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 2000, (int(n),), generator=generator).tolist()
+            for n in torch.randint(8, 24, (prompts,), generator=generator)]
+    params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0)
+    deployment.sample(rows[:1], SamplingParams(max_tokens=2))  # warm up kernels
+    started = time.perf_counter()
+    out = deployment.sample(rows, params)
+    batched_s = time.perf_counter() - started
+    batched_tokens = sum(len(seqs[0].tokens) for seqs in out)
+    tokenizer = engine.tokenizer
+    started = time.perf_counter()
+    single_tokens = 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            result = engine.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                           max_new_tokens=new_tokens, do_sample=True,
+                                           pad_token_id=tokenizer.pad_token_id)
+            single_tokens += result.shape[1] - ids.shape[1]
+    single_s = time.perf_counter() - started
+    return {"batched tokens/s": batched_tokens / batched_s,
+            "one-at-a-time tokens/s": single_tokens / single_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="homefire/tiny-qwen3-10m")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="homefire-bench-") as root:
+        sizes = delta_sizes(args.model, root)
+        times = hotload_times(args.model, root)
+        speed = sampling_throughput(args.model, root)
+    print(f"model {args.model}, {args.threads} threads")
+    print("delta size / base size after one AdamW step:")
+    for name, ratio in sizes.items():
+        print(f"  {name:32s} {ratio:7.4f}  (1/{1 / ratio:.1f})")
+    print("hotload (median of 5): " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
+                                                 times.items()))
+    print(f"  delta hotload / full reload    {times['delta hotload'] / times['full reload']:.3f}")
+    print(f"  delta hotload / base hotload   {times['delta hotload'] / times['base hotload']:.3f}")
+    ratio = speed["batched tokens/s"] / speed["one-at-a-time tokens/s"]
+    print(f"sampling: batched {speed['batched tokens/s']:.0f} tokens/s, one at a time "
+          f"{speed['one-at-a-time tokens/s']:.0f} tokens/s: {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""LoRA (peft) training clients: adapter-only train state, adapter snapshots, reference, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from training.sdk import AdamParams, ServiceClient
+from training.sdk.lora import LoraError, merge_adapter
+
+from .conftest import TEST_MODEL
+from .test_training_client import _datum, _same, _tokens, _train, _weights
+
+
+@pytest.fixture
+def lora_client(store_root, tiny_model_dir):
+    service = ServiceClient(store_root, mixed_precision="no")
+    return service, service.create_training_client(TEST_MODEL, lora_rank=4)
+
+
+def test_only_the_adapter_trains(lora_client):
+    _, client = lora_client
+    trainable = [n for n, p in client.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = {n: p.detach().clone() for n, p in client.model.named_parameters()
+            if not p.requires_grad}
+    _train(client, [_datum(_tokens(client, "only adapters move"))], 2)
+    for name, param in client.model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, base[name]), name
+
+
+def test_lora_train_state_holds_the_adapter_and_resumes_exactly(lora_client):
+    _, client = lora_client
+    datums = [_datum(_tokens(client, "exact resume of an adapter"))]
+    _train(client, datums, 2)
+    client.save_state("step-2").result()
+    _train(client, datums, 2)
+    reference = _weights(client)
+    client.load_state_with_optimizer("step-2").result()
+    _train(client, datums, 2)
+    assert _same(_weights(client), reference)
+    shard_bytes = sum(client.store.fs.du(client.store.state_dir(client.job_id, "step-2"),
+                                         total=False).values())
+    full_bytes = sum(p.numel() * 4 for p in client.model.parameters())
+    assert shard_bytes < full_bytes / 2  # adapter + its Adam moments, not the base
+
+
+def test_reference_shares_the_model_with_the_adapter_off(lora_client, tiny_model_dir):
+    service, client = lora_client
+    datums = [_datum(_tokens(client, "reference is the base"))]
+    _train(client, datums, 3, lr=5e-2)
+    reference = service.create_reference_client(TEST_MODEL, lora_rank=4)
+    assert reference.model is client.model
+    assert service.create_base_training_client(TEST_MODEL) is reference
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([datums[0].model_input.to_ints()])
+    expected = torch.log_softmax(base(input_ids=ids).logits[0].float(), -1).gather(
+        -1, datums[0].loss_fn_inputs["target_tokens"].to_torch()[:, None])[:, 0]
+    got = reference.forward(datums).result().loss_fn_outputs[0]["logprobs"].to_torch()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    policy = client.forward(datums).result().loss_fn_outputs[0]["logprobs"].to_torch()
+    assert not torch.allclose(policy, expected, atol=1e-3)
+    with pytest.raises(RuntimeError, match="frozen reference"):
+        reference.forward_backward(datums)
+
+
+def test_adapter_snapshot_loads_with_peft_and_merges(lora_client, tiny_model_dir, tmp_path):
+    _, client = lora_client
+    _train(client, [_datum(_tokens(client, "adapter snapshot"))], 3, lr=5e-2)
+    first = client.save_weights_for_sampler_ext("a")
+    second = client.save_weights_for_sampler_ext("b")  # never a delta for LoRA
+    for result in (first, second):
+        meta = client.store.get_sampler(client.job_id, result.snapshot_name)
+        assert meta.snapshot_type == "INFERENCE_LORA"
+    snapshot_dir = client.store.sampler_dir(client.job_id, second.snapshot_name)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           snapshot_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = client.model(input_ids=ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5,
+                                   rtol=0)
+        merge_adapter(tiny_model_dir, snapshot_dir, tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_load_adapter_warm_starts_weights_only(lora_client, store_root, tiny_model_dir):
+    _, source = lora_client
+    _train(source, [_datum(_tokens(source, "warm start"))], 2, lr=5e-2)
+    snapshot = source.save_weights_for_sampler_ext("warm").snapshot_name
+    target = ServiceClient(store_root, mixed_precision="no").create_training_client(
+        TEST_MODEL, lora_rank=4)
+    target.load_adapter(source.store.sampler_dir(source.job_id, snapshot)).result()
+    assert _same(_weights(target), _weights(source))
+    assert target.step == 0
+    full = ServiceClient(store_root, mixed_precision="no").create_training_client(TEST_MODEL)
+    with pytest.raises(ValueError, match="needs a LoRA session"):
+        full.load_adapter("anything")
+    with pytest.raises(LoraError, match="not a PEFT adapter directory"):
+        target.load_adapter(str(tiny_model_dir))
+
+
+def test_bad_target_modules_are_named(store_root, tiny_model_dir):
+    service = ServiceClient(store_root, mixed_precision="no")
+    with pytest.raises(LoraError, match="nope_proj"):
+        service.create_training_client(TEST_MODEL, lora_rank=4, lora_target_modules=["nope_proj"])
+
+
+def test_reattached_lora_job_rebuilds_the_same_adapter(lora_client, store_root):
+    _, client = lora_client
+    _train(client, [_datum(_tokens(client, "reattach"))], 1)
+    client.save_state("s").result()
+    again = ServiceClient(store_root, mixed_precision="no").create_training_client(
+        TEST_MODEL, lora_rank=4, job_id=client.job_id)
+    again.load_state_with_optimizer("s").result()
+    assert _same(_weights(again), _weights(client))
+    client.optim_step  # noqa: B018 (the original stays usable)
+    assert AdamParams().learning_rate > 0
+
+
+def _sft_config(tmp_path, log: str, **overrides):
+    import json
+
+    from training.recipes.sft_loop import Config
+    from training.utils import InfraConfig
+
+    chats = tmp_path / "chats.jsonl"
+    if not chats.exists():
+        chats.write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": f"Double {i}."},
+            {"role": "assistant", "content": f"{2 * i}"}]}) + "\n" for i in range(16)))
+    fields = dict(log_path=str(tmp_path / log), base_model=TEST_MODEL, dataset=str(chats),
+                  batch_size=4, epochs=2, learning_rate=5e-3, lora_rank=4, dcp_save_interval=3,
+                  infra=InfraConfig(storage_root=str(tmp_path / "store"), num_threads=1,
+                                    mixed_precision="no"))
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def test_sft_with_lora_resumes_exactly_and_promotes_adapter_or_merged(tmp_path, tiny_model_dir):
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from training.recipes.sft_loop import main
+
+    reference = main(_sft_config(tmp_path, "reference", output_model_id="sft-lora-adapter"))
+    rolled = _sft_config(tmp_path, "rolled")
+    main(rolled)
+    log = Path(rolled.log_path) / "checkpoints.jsonl"
+    log.write_text(log.read_text().splitlines()[0] + "\n")  # back to step 3, as after a crash
+    resumed = main(_sft_config(tmp_path, "rolled", output_model_id="sft-lora-merged",
+                               merge_lora_on_promote=True))
+
+    def adapter(result):
+        row = result.final_checkpoint
+        store_dir = tmp_path / "store" / "jobs" / row["source_job_id"] / "samplers"
+        return load_file(store_dir / row["sampler_path"] / "adapter_model.safetensors")
+
+    expected, got = adapter(reference), adapter(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k])
+                                                 for k in expected)
+    adapter_model = reference.promoted_model
+    assert adapter_model["checkpointType"] == "INFERENCE_LORA"
+    assert json.loads((Path(adapter_model["path"]) / "adapter_config.json").read_text())["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with_adapter = PeftModel.from_pretrained(base, adapter_model["path"])
+    merged = AutoModelForCausalLM.from_pretrained(resumed.promoted_model["path"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits,
+                                   with_adapter(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -1,0 +1,123 @@
+"""LoRA adapters (peft) on the trainer's model: wrap, save, load, merge."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+# The projections of every decoder block in Llama-style models (Qwen2/3, Llama, Mistral, ...):
+# attention and MLP, as in the LoRA and QLoRA papers' best settings.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj")
+
+
+class LoraError(ValueError):
+    """A LoRA setting or adapter does not fit the model."""
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """The :data:`DEFAULT_TARGET_MODULES` this model has (Linear layers with those names)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    found = [n for n in DEFAULT_TARGET_MODULES if n in names]
+    if not found:
+        raise LoraError(f"{type(model).__name__} has none of the default LoRA target modules "
+                        f"{DEFAULT_TARGET_MODULES}; set lora_target_modules to names of its "
+                        f"Linear layers (e.g. {sorted(names)[:6]})")
+    return found
+
+
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
+               dropout: float = 0.0, target_modules: Sequence[str] | None = None,
+               ) -> torch.nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only the adapter's A/B matrices stay trainable.
+
+    ``alpha`` defaults to ``2 * rank`` (scale 2, a common default). peft initializes B to zero,
+    so the wrapped model computes exactly what the base did until the first update.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if rank <= 0:
+        raise LoraError(f"lora_rank must be > 0 to train an adapter, got {rank}")
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                        lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise LoraError(f"cannot apply LoRA to {targets}: {e}") from e
+
+
+def is_lora_model(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run the base model under a LoRA model (the frozen reference of a LoRA policy)."""
+    with model.disable_adapter():
+        yield
+
+
+def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    that ``PeftModel.from_pretrained(base, directory)`` loads."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load_adapter_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a PEFT adapter directory's weights into ``model``'s adapter (weights only)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    with _local_dir(str(directory)) as local:
+        if not (Path(local) / ADAPTER_CONFIG_FILE).exists():
+            raise LoraError(f"{directory} is not a PEFT adapter directory (no "
+                            f"{ADAPTER_CONFIG_FILE})")
+        weights = load_peft_weights(local, device="cpu")
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise LoraError(f"adapter {directory} does not fit this model: unexpected keys "
+                        f"{unexpected[:5]} (was it trained on another base model, rank or "
+                        f"target modules?)")
+
+
+@contextlib.contextmanager
+def _local_dir(path: str) -> Iterator[str]:
+    """A local copy of a directory given as a local path or any fsspec URL."""
+    if "://" not in path or path.startswith("file://"):
+        yield path.removeprefix("file://")
+        return
+    import tempfile
+
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(path)
+    with tempfile.TemporaryDirectory(prefix="homefire-adapter-") as tmp:
+        fs.get(remote.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Merge an adapter into its base and save a plain transformers model at ``out_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.sdk.hf_quiet import progress_bars_disabled
+
+    with progress_bars_disabled():
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(str(out_dir), safe_serialization=True)

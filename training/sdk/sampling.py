@@ -1,0 +1,149 @@
+"""Sampling clients over a deployment: Tinker's ``SamplingClient`` and the native sampler.
+
+Both look their deployment up by id at every call, so a hotload (or a scale-to-zero) between
+calls is seen by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from training.sdk.deployments import Deployment, DeploymentManager
+from training.sdk.types import ModelInput, SampleResponse, SamplingParams
+
+__all__ = ["DeploymentSampler", "SampledCompletion", "SamplingClient"]
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class SamplingClient:
+    """Tinker-shaped sampler: ``sample(prompt, num_samples, sampling_params)`` on a deployment.
+
+    Create it with :meth:`training.sdk.ServiceClient.create_sampling_client`.
+    """
+
+    def __init__(self, deploy_mgr: DeploymentManager, deployment_id: str,
+                 model_path: str | None = None) -> None:
+        self.deploy_mgr = deploy_mgr
+        self.deployment_id = deployment_id
+        self.model_path = model_path
+        """The snapshot synced when this client was created (None: whatever is served)."""
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.deploy_mgr.get(self.deployment_id)
+
+    def get_tokenizer(self) -> Any:
+        return self.deployment.tokenizer
+
+    def sample(self, prompt: ModelInput, num_samples: int = 1,
+               sampling_params: SamplingParams | None = None,
+               include_prompt_logprobs: bool = False,
+               topk_prompt_logprobs: int = 0) -> Future[SampleResponse]:
+        """``num_samples`` completions of ``prompt`` in one batch; returns a completed future.
+
+        Each sequence has its tokens (the stop token included), per-token logprobs and its
+        ``stop_reason``. Prompt logprobs are not available locally.
+        """
+        if include_prompt_logprobs or topk_prompt_logprobs:
+            raise NotImplementedError("prompt logprobs are not served by local deployments; use "
+                                      "TrainingClient.forward for logprobs of given tokens")
+        params = sampling_params or SamplingParams()
+        sequences = self.deployment.sample([prompt.to_ints()], params, num_samples)[0]
+        return _done(SampleResponse(sequences=sequences))
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
+                           sampling_params: SamplingParams | None = None) -> SampleResponse:
+        """:meth:`sample` off the event loop thread."""
+        return await asyncio.to_thread(
+            lambda: self.sample(prompt, num_samples, sampling_params).result())
+
+
+@dataclass
+class SampledCompletion:
+    """One completion from :meth:`DeploymentSampler.sample_with_tokens`."""
+
+    text: str
+    """The completion decoded without special tokens."""
+    tokens: list[int]
+    """Completion token ids (the stop token included)."""
+    logprobs: list[float]
+    """Per-token ``log p(token | prompt, previous tokens)`` (temperature 1), one per token."""
+    finish_reason: str
+    """``stop`` (stop token or string) or ``length`` (``max_tokens`` reached)."""
+    prompt_tokens: list[int] = field(default_factory=list)
+    """The rendered prompt's token ids."""
+
+    @property
+    def full_tokens(self) -> list[int]:
+        """Prompt then completion: what a training datum is built from."""
+        return [*self.prompt_tokens, *self.tokens]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_tokens)
+
+    @property
+    def inference_logprobs(self) -> list[float]:
+        """The hosted SDK's name for :attr:`logprobs`."""
+        return self.logprobs
+
+
+class DeploymentSampler:
+    """Chat-level sampler returning tokens, text, logprobs and finish reasons.
+
+    Args:
+        deploy_mgr, deployment_id: the deployment to sample from.
+        tokenizer: renders messages (its chat template) and decodes completions; default: the
+            deployment's.
+        concurrency_controller: accepted for source compatibility; the local engine batches
+            the ``n`` samples of a call itself, so there is nothing to throttle.
+    """
+
+    def __init__(self, deploy_mgr: DeploymentManager, deployment_id: str,
+                 tokenizer: Any = None, concurrency_controller: Any = None) -> None:
+        if concurrency_controller is not None:
+            warnings.warn("DeploymentSampler(concurrency_controller=...) has no effect on a "
+                          "local deployment (each call is one batch)", UserWarning, stacklevel=2)
+        self.deploy_mgr = deploy_mgr
+        self.deployment_id = deployment_id
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer or self.deploy_mgr.get(self.deployment_id).tokenizer
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` with the chat template and the assistant turn opened."""
+        return list(self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def sample_with_tokens_sync(self, messages: Sequence[dict[str, Any]], n: int = 1, *,
+                                max_tokens: int = 64, temperature: float = 1.0,
+                                top_p: float = 1.0, top_k: int = -1, seed: int | None = None,
+                                stop: str | list[str] | list[int] | None = None,
+                                ) -> list[SampledCompletion]:
+        """``n`` completions of the chat ``messages`` (one batch)."""
+        prompt = self.render(messages)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop=stop)
+        sequences = self.deploy_mgr.get(self.deployment_id).sample([prompt], params, n)[0]
+        tokenizer = self.tokenizer
+        return [SampledCompletion(text=tokenizer.decode(s.tokens, skip_special_tokens=True),
+                                  tokens=s.tokens, logprobs=s.logprobs or [],
+                                  finish_reason=s.stop_reason, prompt_tokens=prompt)
+                for s in sequences]
+
+    async def sample_with_tokens(self, messages: Sequence[dict[str, Any]], n: int = 1,
+                                 **kwargs: Any) -> list[SampledCompletion]:
+        """Async :meth:`sample_with_tokens_sync` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.sample_with_tokens_sync, messages, n, **kwargs)
