@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.sdk.store import CheckpointStore, parse_checkpoint_ref
+from training.faults import fault_point
+from training.sdk.store import CheckpointStore, StoreError, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient
 from training.utils.config import ConfigError
 
@@ -32,6 +33,16 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 RUN_FILE = "run.json"
+
+
+class CheckpointSaveError(StoreError):
+    """A checkpoint could not be saved (disk full, read-only store, ...); nothing was recorded
+    and earlier checkpoints are intact. The message names the checkpoint and what to do."""
+
+
+class CheckpointLoadError(StoreError):
+    """The checkpoint a resume needs cannot be loaded (corrupt or missing files); the message
+    names it and the earlier checkpoint to fall back to."""
 
 
 class CheckpointKind(str, enum.Enum):
@@ -146,10 +157,23 @@ class CheckpointLog:
                     f.seek(-1, os.SEEK_END)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
+        data = json.dumps(row).encode() + b"\n"
         with open(self.path, "ab") as f:
-            f.write(json.dumps(row).encode() + b"\n")
+            # Test hook: die with half the row written, as a crash mid-append would.
+            fault_point("checkpoints.append",
+                        before_kill=lambda: (f.write(data[: len(data) // 2]), f.flush()))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the whole file atomically (write a temp file, fsync, rename)."""
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def last_resumable(self) -> dict[str, Any] | None:
         """The last row with a ``state_path``, or None."""
@@ -197,6 +221,18 @@ def read_run_identity(log_path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def record_run_fields(log_path: str | os.PathLike[str], **values: Any) -> None:
+    """Add facts about the run (trainer job id, total steps) to ``run.json``, atomically.
+
+    They are not part of the identity: a resume does not compare them.
+    """
+    path = Path(log_path) / RUN_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**read_run_identity(log_path), **values}, indent=2,
+                              sort_keys=True))
+    os.replace(tmp, path)
+
+
 class TrainingCheckpoints:
     """Saves, records and restores a recipe's checkpoints.
 
@@ -212,28 +248,47 @@ class TrainingCheckpoints:
     def save(self, name: str, *, step: int, data_consumed: int,
              kind: CheckpointKind | str = CheckpointKind.STATE,
              user_state: dict[str, Any] | None = None,
-             promotable: bool | None = None) -> dict[str, Any]:
+             promotable: bool | None = None,
+             existing_state_path: str | None = None) -> dict[str, Any]:
         """Save a checkpoint of ``kind`` and append its row once it is complete.
 
         ``promotable=True`` upgrades a STATE save to BOTH (the hosted cookbook's spelling).
         ``user_state`` is extra recipe state stored with the train state; step, data position
-        and the RNG states are always stored.
+        and the RNG states are always stored. ``existing_state_path`` records an already saved
+        train state of this very step instead of saving it again (re-saving a name first
+        deletes it, which must never happen to the state a resume depends on).
+
+        Raises:
+            CheckpointSaveError: the store refused the save (disk full, read-only, ...). No row
+                is appended and every earlier checkpoint is untouched.
         """
         kind = CheckpointKind(kind)
         if promotable and not kind.has_sampler:
             kind = CheckpointKind.BOTH
         row: dict[str, Any] = {"name": name, "step": step, "data_consumed": data_consumed}
-        if kind.has_state:
-            saved = self.client.save_state(name, user_state={
-                "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
-                "recipe": user_state or {}}).result()
-            row["state_path"] = saved.path
-        if kind.has_sampler:
-            row["sampler_path"] = self.client.save_weights_for_sampler_ext(
-                name, checkpoint_type="base").snapshot_name
-        row["source_job_id"] = self.client.job_id
-        row["base_model"] = self.client.base_model
-        self.log.append(row)
+        try:
+            if kind.has_state and existing_state_path is not None:
+                row["state_path"] = existing_state_path
+            elif kind.has_state:
+                saved = self.client.save_state(name, user_state={
+                    "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
+                    "recipe": user_state or {}}).result()
+                row["state_path"] = saved.path
+            if kind.has_sampler:
+                row["sampler_path"] = self.client.save_weights_for_sampler_ext(
+                    name, checkpoint_type="base").snapshot_name
+            row["source_job_id"] = self.client.job_id
+            row["base_model"] = self.client.base_model
+            self.log.append(row)
+        except (OSError, StoreError) as e:
+            last = self.log.last_resumable()
+            resume = (f"rerun to resume from {last['name']} (step {last['step']})" if last
+                      else "rerun to start again (no resumable checkpoint yet)")
+            raise CheckpointSaveError(
+                f"saving checkpoint {name!r} (step {step}, {kind.value}) of job "
+                f"{self.client.job_id} failed: {e}. It was not recorded in {self.log.path}; "
+                f"earlier checkpoints are intact. Free disk space or make the store "
+                f"({self.client.store.root_url}) writable, then {resume}.") from e
         logger.info("saved checkpoint %s (%s) at step %d", name, kind.value, step)
         return row
 
@@ -247,13 +302,59 @@ class TrainingCheckpoints:
         row = row or self.log.last_resumable()
         if row is None:
             return None
-        loaded = self.client.load_state_with_optimizer(row["state_path"]).result()
+        try:
+            loaded = self.client.load_state_with_optimizer(row["state_path"]).result()
+        except (StoreError, OSError) as e:
+            earlier = [r for r in self.log.rows() if r.get("state_path")
+                       and r["step"] < row["step"]]
+            fallback = (f"to resume from the previous checkpoint {earlier[-1]['name']} (step "
+                        f"{earlier[-1]['step']}), delete the rows after it from {self.log.path}"
+                        if earlier else "no earlier checkpoint exists: start over with a new "
+                        "log_path")
+            raise CheckpointLoadError(
+                f"cannot resume from checkpoint {row['name']} (step {row['step']}, "
+                f"{row['state_path']}) recorded in {self.log.path}: {e}. Nothing was changed; "
+                f"{fallback}.") from e
         state = loaded.user_state
         if "rng" in state:
             restore_rng_state(state["rng"])
         return ResumeInfo(step=int(state.get("step", row["step"])),
                           data_consumed=int(state.get("data_consumed", row["data_consumed"])),
                           row=row, user_state=state.get("recipe", {}))
+
+    def apply_retention(self, keep_last_n: int | None,
+                        protected: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Delete this job's older STATE-only checkpoints, keeping the newest ``keep_last_n``.
+
+        Never deleted: the newest resumable checkpoint (what a resume needs), any row with a
+        ``sampler_path`` (promotable), any checkpoint whose sampler snapshot was promoted to a
+        model, and names in ``protected``. The rows stay in ``checkpoints.jsonl`` without their
+        ``state_path`` (marked ``"state_deleted": "keep_last_n"``); the log is rewritten before
+        the files go, so it never names a deleted checkpoint. Returns the deleted names.
+        """
+        if keep_last_n is None:
+            return []
+        rows = self.log.rows()
+        job_id = self.client.job_id
+        state_only = [r for r in rows if r.get("state_path") and not r.get("sampler_path")
+                      and r.get("source_job_id") == job_id]
+        keep = set(protected) | {r["name"] for r in rows if r.get("sampler_path")}
+        keep |= {r["name"] for r in state_only[max(len(state_only) - keep_last_n, 0):]}
+        last = self.log.last_resumable()
+        if last is not None:
+            keep.add(last["name"])
+        keep |= _promoted_checkpoint_names(self.client.store, job_id)
+        doomed = {r["name"] for r in state_only if r["name"] not in keep}
+        if not doomed:
+            return []
+        self.log.rewrite([
+            {**{k: v for k, v in r.items() if k != "state_path"}, "state_deleted": "keep_last_n"}
+            if r["name"] in doomed and r.get("state_path") and not r.get("sampler_path") else r
+            for r in rows])
+        for name in sorted(doomed):
+            self.client.store.delete(self.client.store.state_dir(job_id, name))
+        logger.info("retention (keep_last_n=%d) deleted %s", keep_last_n, ", ".join(doomed))
+        return sorted(doomed)
 
     def init_from(self, checkpoint: str) -> ResumeInfo:
         """Load the weights of ``job_id:checkpoint_name`` to start a new run (step 0).
@@ -271,8 +372,30 @@ class TrainingCheckpoints:
         return promote_from_log(self.log, self.client.store, output_model_id, step=step)
 
 
+def _promoted_checkpoint_names(store: CheckpointStore, job_id: str) -> set[str]:
+    """Checkpoint names of ``job_id`` whose sampler snapshots were promoted to a model.
+
+    Snapshot names are ``<checkpoint name>-<8 hex session id>``; both forms are returned.
+    """
+    from training.sdk.registry import ModelRegistry
+
+    names = set()
+    for model in ModelRegistry(store).list_models():
+        meta = store.read_meta(store.model_dir(*_account_and_id(model["name"])))
+        if meta is not None and meta.extra.get("source_job_id") == job_id:
+            snapshot = str(meta.extra.get("source_checkpoint_id", ""))
+            names.update({snapshot, snapshot.rsplit("-", 1)[0]})
+    return names
+
+
+def _account_and_id(model_name: str) -> tuple[str, str]:
+    parts = model_name.split("/")  # accounts/<account>/models/<id>
+    return parts[1], parts[3]
+
+
 def promote_from_log(log: CheckpointLog, store: CheckpointStore, output_model_id: str, *,
-                     step: int | None = None, account: str | None = None) -> dict[str, Any]:
+                     step: int | None = None, account: str | None = None,
+                     merge: bool = False) -> dict[str, Any]:
     """Promote the latest row of ``log`` with a ``sampler_path`` (or the one at ``step``).
 
     Idempotent: promoting the same checkpoint to the same id again returns the existing model,
@@ -288,4 +411,4 @@ def promote_from_log(log: CheckpointLog, store: CheckpointStore, output_model_id
     registry = ModelRegistry(store, account=account)
     return registry.promote_checkpoint(
         name=registry.checkpoint_name(row["source_job_id"], row["sampler_path"]),
-        output_model_id=output_model_id, base_model=row["base_model"])
+        output_model_id=output_model_id, base_model=row["base_model"], merge=merge)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -74,14 +76,22 @@ class TrainConfig:
     warmup_steps: int = 0
     """Linear warm-up steps."""
     adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
     adam_beta2: float = 0.95
+    """AdamW second-moment decay."""
     adam_eps: float = 1e-8
+    """AdamW denominator epsilon."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm (0 = off)."""
     dcp_save_interval: int = 0
     """Save a resumable STATE checkpoint every N steps; 0 = off (then an interrupted run
     restarts from scratch)."""
+    keep_last_n: int | None = None
+    """Keep only the newest N periodic STATE checkpoints, deleting older ones after each save;
+    None = keep all. Never deleted: the checkpoint a resume needs, promotable (BOTH/SAMPLER)
+    checkpoints and promoted ones."""
     init_from_checkpoint: str | None = None
     """Start from the weights of another job's checkpoint, 'job_id:checkpoint_name'; step
     resets to 0. Cannot be combined with resuming an existing log_path."""
@@ -89,6 +99,24 @@ class TrainConfig:
     """If set, promote the final checkpoint to accounts/<account>/models/<output_model_id>."""
     seed: int = 0
     """Seeds data order and RNGs."""
+    lora_rank: int = 0
+    """0 trains all weights; > 0 trains a LoRA adapter of this rank on the frozen base."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / rank); default 2 * lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch during training."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt; default: every attention and MLP projection (q/k/v/o, gate/up/
+    down) the model has."""
+    merge_lora_on_promote: bool = False
+    """Promote a LoRA run as a merged full model (plain transformers loads it) instead of an
+    adapter directory (PeftModel.from_pretrained on the base)."""
+    tensorboard_dir: str | None = None
+    """Also write metrics as TensorBoard events to this directory (needs the optional
+    tensorboard package); a resume purges the interrupted run's later events."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs the optional wandb package);
+    a resume continues the same W&B run (its id is kept in log_path/wandb_run_id)."""
     infra: InfraConfig = field(default_factory=InfraConfig)
 
 
@@ -97,6 +125,23 @@ def validate_common(config: Any) -> None:
     if not getattr(config, "log_path", None) or config.log_path == "???":
         raise ConfigError("log_path is required: the directory for checkpoints.jsonl, "
                           "metrics.jsonl and logs (rerun with the same log_path to resume)")
+    check_field_types(config)
+    for name, package, extra in (("tensorboard_dir", "tensorboard", "tensorboard"),
+                                 ("wandb_project", "wandb", "wandb")):
+        # Checked now, not after the model is loaded: these packages are optional.
+        if getattr(config, name, None) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{name}={getattr(config, name)!r} needs the {package} package, "
+                              f"which is not installed: pip install 'homefire[{extra}]', or "
+                              f"unset {name}")
+    if getattr(config, "lora_rank", 0) < 0:
+        raise ConfigError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {config.lora_rank}")
+    if getattr(config, "lora_rank", 0) == 0 and getattr(config, "merge_lora_on_promote", False):
+        raise ConfigError("merge_lora_on_promote=true needs lora_rank > 0 (a full fine-tune "
+                          "is already a plain model)")
+    keep_last_n = getattr(config, "keep_last_n", None)
+    if keep_last_n is not None and keep_last_n < 1:
+        raise ConfigError(f"keep_last_n must be >= 1 (or null to keep every checkpoint), got "
+                          f"{keep_last_n}")
     positive = ("batch_size", "max_seq_len", "epochs")
     for name in positive:
         value = getattr(config, name, None)
@@ -130,6 +175,49 @@ def validate_common(config: Any) -> None:
         if problems:
             raise ConfigError(f"output_model_id={output_model_id!r} is invalid: "
                               f"{'; '.join(problems)}")
+
+
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+def check_field_types(config: Any, prefix: str = "") -> None:
+    """Refuse a field whose value is not of its annotated type (``batch_size="8"``).
+
+    The command line gets this from Hydra; this covers configs built in Python. Checks fields
+    annotated with ``bool``/``int``/``float``/``str`` (optionally ``| None``) and recurses into
+    nested config dataclasses; other annotations are left to the recipe. An int is accepted for
+    a float field; a bool is never accepted for a number.
+    """
+    try:
+        hints = typing.get_type_hints(type(config))
+    except (NameError, TypeError):  # an annotation this Python cannot evaluate: skip the check
+        return
+    for f in fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if is_dataclass(value) and not isinstance(value, type):
+            check_field_types(value, prefix=f"{name}.")
+            continue
+        hint = hints.get(f.name)
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        allowed = [a for a in args if a is not type(None)] if args else [hint]
+        if len(allowed) != 1 or allowed[0] not in _SIMPLE_TYPES:
+            continue
+        expected = allowed[0]
+        if value is None and optional:
+            continue
+        ok = (isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+              or expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(
+                f"{name} must be {expected.__name__}{' or None' if optional else ''}, got "
+                f"{type(value).__name__} {value!r}; set it to a value of that type, e.g. "
+                f"{name}={_example(expected)}")
+
+
+def _example(expected: type) -> str:
+    return {bool: "True", int: "8", float: "0.001", str: "'text'"}[expected]
 
 
 def apply_infra(infra: InfraConfig, seed: int) -> None:

@@ -30,7 +30,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -121,6 +121,21 @@ def load_chat_rows(source: str, split: str = "train") -> list[ChatRow]:
         raise DatasetError(f"{source}: has no rows; expected one JSON object with a 'messages' "
                            f"list per row")
     return rows
+
+
+def read_records(source: str, split: str = "train") -> Iterator[tuple[Any, int, str]]:
+    """Yield ``(record, line, where)`` for every raw, unvalidated record of a data source.
+
+    Reads the same sources as :func:`load_chat_rows`, for loaders of other row formats.
+    ``line`` is the 1-based line of a JSONL file or the 0-based row index of a ``datasets``
+    source or JSON array; ``where`` is the location for error messages: ``data.jsonl:17`` or
+    ``<source> row 3``.
+
+    Raises:
+        DatasetError: the source is missing or unreadable, or a line is not valid JSON.
+    """
+    for record, line, kind in _read_records(source, split):
+        yield record, line, ChatRow(messages=[], source=source, line=line, line_kind=kind).where
 
 
 def _read_records(source: str, split: str) -> Iterator[tuple[Any, int, Literal["line", "row"]]]:
@@ -288,12 +303,37 @@ def _validate_tools(tools: Any, where: str) -> list | None:
     return tools
 
 
-def _validate_messages(messages: Any, where: str) -> None:
+def _validate_messages(messages: Any, where: str, field: str = "messages") -> None:
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(f"{where}: messages is {_show(messages)}; expected a non-empty list "
+        raise DatasetError(f"{where}: {field} is {_show(messages)}; expected a non-empty list "
                            'of {"role": ..., "content": ...} messages')
     for i, message in enumerate(messages):
-        _validate_message(message, f"messages[{i}]", where)
+        _validate_message(message, f"{field}[{i}]", where)
+
+
+def validate_messages(messages: Any, where: str, field: str = "messages") -> None:
+    """Check a list of OpenAI chat messages, as :func:`load_chat_rows` checks ``messages``.
+
+    For loaders of other row formats (preference pairs, RL prompts) that embed message lists.
+
+    Args:
+        messages: the value to check.
+        where: the row's location for the message (``data.jsonl:17``).
+        field: the value's field path in the row (``preferred_output``, ``input.messages``).
+
+    Raises:
+        DatasetError: naming ``where`` and the field path (``preferred_output[0].role``).
+    """
+    _validate_messages(messages, where, field)
+
+
+def validate_tools(tools: Any, where: str) -> list | None:
+    """A row's ``tools`` as a list (parsed if a JSON string), or None if absent.
+
+    Raises:
+        DatasetError: naming ``where``, if ``tools`` is not a list of tool definitions.
+    """
+    return _validate_tools(tools, where)
 
 
 def _validate_message(message: Any, path: str, where: str) -> None:
@@ -714,8 +754,14 @@ def example_to_datum(example: SFTExample) -> Datum:
 # Order
 
 
-class SupervisedDataset:
+ExampleT = TypeVar("ExampleT")
+
+
+class SupervisedDataset(Generic[ExampleT]):
     """Examples in a deterministic, resumable order.
+
+    Any example type works (:class:`SFTExample`, preference pairs, ...): the order depends only
+    on how many there are.
 
     Position ``p`` (0-based count of examples consumed since the start of training, the
     checkpoints' ``data_consumed``) is example ``perm_e[p % n]`` of epoch ``e = p // n``, where
@@ -724,7 +770,7 @@ class SupervisedDataset:
     the saved one stopped; every example appears once per epoch, and batches may straddle epochs.
     """
 
-    def __init__(self, examples: Sequence[SFTExample], seed: int) -> None:
+    def __init__(self, examples: Sequence[ExampleT], seed: int) -> None:
         if not examples:
             raise ValueError("SupervisedDataset needs at least one example")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -748,14 +794,14 @@ class SupervisedDataset:
             self._cached_epoch = epoch
         return self._cached_perm
 
-    def example_at(self, position: int) -> SFTExample:
+    def example_at(self, position: int) -> ExampleT:
         """Example at ``position`` (0-based count of examples consumed since training began)."""
         if position < 0:
             raise ValueError(f"position is {position}; expected >= 0")
         epoch, index = divmod(int(position), len(self.examples))
         return self.examples[int(self.permutation(epoch)[index])]
 
-    def batch(self, data_consumed: int, batch_size: int) -> list[SFTExample]:
+    def batch(self, data_consumed: int, batch_size: int) -> list[ExampleT]:
         """Examples at positions ``data_consumed`` .. ``data_consumed + batch_size - 1``."""
         if batch_size < 1:
             raise ValueError(f"batch_size is {batch_size}; expected >= 1")

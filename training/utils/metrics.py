@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -25,11 +26,15 @@ class MetricsLogger:
     run after its last checkpoint) are dropped first, so the file never has duplicate steps.
     """
 
-    def __init__(self, log_path: str | os.PathLike[str], start_step: int = 0) -> None:
+    def __init__(self, log_path: str | os.PathLike[str], start_step: int = 0,
+                 sinks: list[Any] | None = None) -> None:
         self.path = Path(log_path) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.sinks = sinks or []
+        """Extra destinations (:class:`TensorBoardSink`, :class:`WandbSink`): ``log(step,
+        metrics)`` and ``close()``."""
 
     def _truncate_after(self, start_step: int) -> None:
         if not self.path.exists():
@@ -49,15 +54,84 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.log(step, metrics)
 
     def close(self) -> None:
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time"}
+
+
+class TensorBoardSink:
+    """Mirrors each step's numeric metrics to TensorBoard event files in ``log_dir``.
+
+    On resume from ``start_step`` the events after it (from the interrupted run) are purged, so
+    curves have no doubled segments. Needs the optional ``tensorboard`` package.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], start_step: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch raises ImportError naming tensorboard
+            raise ImportError(f"tensorboard_dir={str(log_dir)!r} needs the tensorboard package: "
+                              f"pip install 'homefire[tensorboard]', or unset tensorboard_dir"
+                              ) from e
+        self._writer = SummaryWriter(log_dir=str(log_dir),
+                                     purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in _numeric(metrics).items():
+            self._writer.add_scalar(key, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+class WandbSink:
+    """Logs each step's numeric metrics to a Weights & Biases run.
+
+    The run id is kept in ``{log_path}/wandb_run_id``, so a resumed training run continues the
+    same W&B run (``resume="allow"``) instead of starting a new one. W&B ignores steps at or
+    below the run's last logged step, so steps redone after the resume point keep their first
+    values (the same losses: the resume is exact). Needs the optional ``wandb`` package (``WANDB_MODE=offline`` works without
+    an account).
+    """
+
+    def __init__(self, log_path: str | os.PathLike[str], project: str,
+                 config: dict[str, Any] | None = None, name: str | None = None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(f"wandb_project={project!r} needs the wandb package: pip install "
+                              f"'homefire[wandb]', or unset wandb_project") from None
+        id_file = Path(log_path) / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        if not id_file.exists():
+            id_file.write_text(run_id)
+        self.run = wandb.init(project=project, id=run_id, resume="allow", config=config,
+                              name=name, dir=str(log_path))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log(_numeric(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def read_metrics(log_path: str | os.PathLike[str]) -> list[dict[str, Any]]:

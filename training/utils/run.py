@@ -20,13 +20,15 @@ metrics, progress, and promotion::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.sdk import AdamParams, ServiceClient
-from training.sdk.store import CheckpointStore
+from training.faults import fault_point
+from training.sdk import AdamParams, JobNotFoundError, ServiceClient
+from training.sdk.store import CheckpointStore, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient
 from training.utils.checkpoints import (
     CheckpointKind,
@@ -35,12 +37,68 @@ from training.utils.checkpoints import (
     TrainingCheckpoints,
     check_run_identity,
     promote_from_log,
+    read_run_identity,
+    record_run_fields,
 )
-from training.utils.config import ConfigError, TrainConfig, apply_infra, validate_common
+from training.utils.config import (
+    ConfigError,
+    TrainConfig,
+    apply_infra,
+    config_to_dict,
+    validate_common,
+)
 from training.utils.lr_schedule import lr_at
-from training.utils.metrics import MetricsLogger, Progress
+from training.utils.metrics import MetricsLogger, Progress, TensorBoardSink, WandbSink
 
 logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs are not detected there
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunInUseError(ConfigError):
+    """Another live process is running the same ``log_path``."""
+
+
+class RunLock:
+    """An exclusive lock on ``{log_path}/.lock`` held while a run works on its log_path.
+
+    Two processes resuming one log_path would write the same checkpoints and rows. The lock is
+    a POSIX record lock: the kernel drops it when its process dies (kill -9 included), so a
+    crashed run never blocks its rerun, and it never blocks its own process (recipes called
+    twice in one process reuse it). It also makes cleaning up half-written checkpoints of the
+    run's job safe: while we hold it, no one else is writing them.
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        log_path.mkdir(parents=True, exist_ok=True)
+        self.path = log_path / LOCK_FILE
+        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (closed in release)
+        if fcntl is None:
+            return
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise RunInUseError(
+                f"{log_path} is in use by another running process (pid {holder}, per "
+                f"{self.path}); wait for it to finish or stop it, or use another log_path"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        """Release the lock (safe to call twice)."""
+        if not self._file.closed:
+            self._file.close()
 
 
 @dataclass
@@ -77,23 +135,44 @@ class ResumableRun:
         self.log_path = Path(config.log_path)
         self.store = CheckpointStore(config.infra.storage_root)
         self.checkpoint_log = CheckpointLog(self.log_path)
-        self.resume_row = self.checkpoint_log.last_resumable()
-        if self.resume_row is not None and config.init_from_checkpoint:
-            raise ConfigError(
-                f"init_from_checkpoint={config.init_from_checkpoint!r} but "
-                f"{self.checkpoint_log.path} already has resumable checkpoints (last: "
-                f"{self.resume_row['name']}). init_from_checkpoint starts a new run: use a new "
-                f"log_path, or drop init_from_checkpoint to resume this one.")
-        check_run_identity(self.log_path, {
-            "recipe": recipe, "base_model": config.base_model, "seed": config.seed,
-            "batch_size": config.batch_size, "storage_root": self.store.root_url, **identity,
-        }, resuming=self.resume_row is not None)
+        if config.init_from_checkpoint:
+            self._check_init_checkpoint(config.init_from_checkpoint)
+        self._lock = RunLock(self.log_path)
+        try:
+            self.resume_row = self.checkpoint_log.last_resumable()
+            if self.resume_row is not None and config.init_from_checkpoint:
+                raise ConfigError(
+                    f"init_from_checkpoint={config.init_from_checkpoint!r} but "
+                    f"{self.checkpoint_log.path} already has resumable checkpoints (last: "
+                    f"{self.resume_row['name']}). init_from_checkpoint starts a new run: use a "
+                    f"new log_path, or drop init_from_checkpoint to resume this one.")
+            # Read before check_run_identity rewrites run.json for a fresh start.
+            self._earlier_job_id = read_run_identity(self.log_path).get("job_id")
+            check_run_identity(self.log_path, {
+                "recipe": recipe, "base_model": config.base_model, "seed": config.seed,
+                "batch_size": config.batch_size, "storage_root": self.store.root_url,
+                "lora_rank": config.lora_rank, **identity,
+            }, resuming=self.resume_row is not None)
+        except BaseException:
+            self._lock.release()
+            raise
         self.service: ServiceClient | None = None
         self.client: TrainingClient | None = None
         self.checkpoints: TrainingCheckpoints | None = None
         self.final_row: dict[str, Any] | None = None
         self._metrics: MetricsLogger | None = None
         self._progress: Progress | None = None
+
+    def _check_init_checkpoint(self, ref: str) -> None:
+        """Fail before any file is written or model loaded if init_from_checkpoint names a
+        job or train state the store lacks, or one trained from another base model."""
+        job_id, name = parse_checkpoint_ref(ref)
+        meta = self.store.get_state(job_id, name)  # JobNotFoundError / CheckpointNotFoundError
+        if meta.base_model != self.config.base_model:
+            raise ConfigError(
+                f"init_from_checkpoint={ref!r} was trained from base_model "
+                f"{meta.base_model!r}, but base_model is {self.config.base_model!r}; set "
+                f"base_model={meta.base_model!r} or pick a checkpoint of this base model")
 
     # ---------------------------------------------------------------- completion
     @property
@@ -109,17 +188,29 @@ class ResumableRun:
         assert row is not None, "finish_complete() needs complete_row"
         print(f"Run in {self.log_path} is already complete ({row['step']} steps; final "
               f"checkpoint {row['name']}). Nothing to do.", flush=True)
-        return RunResult(str(self.log_path), row["step"], row, self._promote(),
-                         already_complete=True)
+        try:
+            promoted = self._promote()
+        finally:
+            self._lock.release()
+        return RunResult(str(self.log_path), row["step"], row, promoted, already_complete=True)
 
     # ---------------------------------------------------------------- start
-    def start(self, summary: str = "", lora_rank: int = 0,
+    def start(self, summary: str = "", lora_rank: int | None = None,
               ) -> tuple[TrainingClient, ResumeInfo]:
         """Create (or reattach) the trainer and restore the resume point or init checkpoint.
 
         Seeds the RNGs and sets the thread count first; resume then overwrites the RNG states
         with the saved ones.
         """
+        try:
+            return self._start(summary, self.config.lora_rank if lora_rank is None
+                               else lora_rank)
+        except BaseException:
+            self.close()
+            self._lock.release()
+            raise
+
+    def _start(self, summary: str, lora_rank: int) -> tuple[TrainingClient, ResumeInfo]:
         config = self.config
         apply_infra(config.infra, config.seed)
         self.service = ServiceClient(config.infra.storage_root, device=config.infra.device,
@@ -127,7 +218,11 @@ class ResumableRun:
                                      account=config.infra.account)
         self.client = self.service.create_training_client(
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
-            job_id=self.resume_row["source_job_id"] if self.resume_row else None)
+            job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules)
+        record_run_fields(self.log_path, job_id=self.client.job_id,
+                          total_steps=self.total_steps)
+        self._remove_incomplete_checkpoints()
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
             start = self.checkpoints.resume(self.resume_row)
@@ -142,9 +237,51 @@ class ResumableRun:
         print(f"{self.recipe}: {config.base_model} ({self.client.num_parameters() / 1e6:.2f}M "
               f"params, job {self.client.job_id}); {summary + '; ' if summary else ''}"
               f"{self.total_steps} steps of batch {config.batch_size}; {where}", flush=True)
-        self._metrics = MetricsLogger(self.log_path, start_step=start.step)
+        self._metrics = MetricsLogger(self.log_path, start_step=start.step,
+                                      sinks=self._metric_sinks(start.step))
         self._progress = Progress(self.total_steps, start.step, desc=self.recipe)
         return self.client, start
+
+    def _metric_sinks(self, start_step: int) -> list[Any]:
+        """TensorBoard / W&B destinations the config asks for (optional packages)."""
+        sinks: list[Any] = []
+        tensorboard_dir = getattr(self.config, "tensorboard_dir", None)
+        if tensorboard_dir:
+            sinks.append(TensorBoardSink(tensorboard_dir, start_step=start_step))
+        wandb_project = getattr(self.config, "wandb_project", None)
+        if wandb_project:
+            sinks.append(WandbSink(self.log_path, wandb_project, name=self.log_path.name,
+                                   config=config_to_dict(self.config)))
+        return sinks
+
+    def _job_to_reattach(self, lora_rank: int) -> str | None:
+        """The trainer job this run continues: the resume row's, else the job an earlier
+        attempt of this log_path created but killed before its first resumable row (so the
+        rerun reuses it instead of leaving an orphan job behind), else None for a new job."""
+        if self.resume_row is not None:
+            return self.resume_row["source_job_id"]
+        if not self._earlier_job_id:
+            return None
+        try:
+            job = self.store.get_job(self._earlier_job_id)
+        except JobNotFoundError:
+            return None
+        if job.base_model != self.config.base_model or job.lora_rank != lora_rank:
+            return None
+        return job.job_id
+
+    def _remove_incomplete_checkpoints(self) -> None:
+        """Delete this run's job's checkpoint directories that have no ``meta.json``.
+
+        Such a directory is a save that died half-way: readers ignore it, but it holds disk.
+        Safe because the job belongs to this log_path and :class:`RunLock` guarantees no other
+        process of this run is writing one right now. Other jobs are never touched.
+        """
+        assert self.client is not None
+        for path in self.store.incomplete_entries(self.client.job_id):
+            logger.warning("removing incomplete checkpoint %s (a save interrupted by a crash; "
+                           "it has no meta.json)", self.store.url(path))
+            self.store.delete(path)
 
     # ---------------------------------------------------------------- steps
     def adam_params(self, step: int) -> AdamParams:
@@ -170,6 +307,7 @@ class ResumableRun:
         if "tokens_per_s" in metrics:
             postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
         self._progress.update(step, postfix)
+        fault_point("step")  # test hook: the step is done, its checkpoint not yet saved
         if step >= self.total_steps:
             self.final_row = self.checkpoints.save(f"step-{step}", step=step,
                                                    data_consumed=data_consumed,
@@ -178,18 +316,27 @@ class ResumableRun:
         elif self.config.dcp_save_interval and step % self.config.dcp_save_interval == 0:
             self.checkpoints.save(f"step-{step}", step=step, data_consumed=data_consumed,
                                   kind=CheckpointKind.STATE, user_state=user_state)
+            self.checkpoints.apply_retention(getattr(self.config, "keep_last_n", None))
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, data_consumed: int) -> RunResult:
         """Close metrics and progress, make sure the final save is BOTH, promote, report."""
         assert self.checkpoints is not None, "call start() first"
         self.close()
-        if self.final_row is None:
-            # Resumed at or past a (lowered) step budget: the final save is still BOTH.
-            self.final_row = self.checkpoints.save(f"step-{step}", step=step,
-                                                   data_consumed=data_consumed,
-                                                   kind=CheckpointKind.BOTH)
-        promoted = self._promote()
+        try:
+            if self.final_row is None:
+                # Resumed at or past a (lowered) step budget: the final save is still BOTH.
+                # The resume point's state is this step's state: record it instead of saving
+                # it again, since re-saving a name deletes it first and a crash then would
+                # lose the checkpoint the run depends on.
+                same_step = self.resume_row is not None and self.resume_row["step"] == step
+                self.final_row = self.checkpoints.save(
+                    f"step-{step}", step=step, data_consumed=data_consumed,
+                    kind=CheckpointKind.BOTH,
+                    existing_state_path=self.resume_row["state_path"] if same_step else None)
+            promoted = self._promote()
+        finally:
+            self._lock.release()
         print(f"Done. Checkpoints: {self.checkpoint_log.path} (final: {self.final_row['name']}, "
               f"sampler {self.final_row['sampler_path']})", flush=True)
         if promoted:
@@ -207,4 +354,5 @@ class ResumableRun:
         if not self.config.output_model_id:
             return None
         return promote_from_log(self.checkpoint_log, self.store, self.config.output_model_id,
-                                account=self.config.infra.account)
+                                account=self.config.infra.account,
+                                merge=self.config.merge_lora_on_promote)
