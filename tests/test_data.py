@@ -186,21 +186,30 @@ def test_template_without_generation_prompt_trains_the_assistant_header(tokenize
         ("<|im_start|>assistant\n" + ANSWER + "\n", 1.0)]
 
 
-def test_template_that_rewrites_history_is_refused(tokenizer, tmp_path):
-    # Like Qwen3's own template: <think> blocks are kept only on the last assistant turn.
+def test_template_that_rewrites_history_falls_back_to_content_search(tokenizer, tmp_path):
+    # Like Qwen3's own template: <think> blocks are kept only on the last assistant turn, so
+    # rendered prefixes are not prefixes of the whole rendering.
     rewriting = with_template(tokenizer, (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n"
         "{% if m.role == 'assistant' and not loop.last %}{{ m.content.split('</think>')[-1] }}"
         "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
     messages = [USER, {"role": "assistant", "content": "<think>hm</think>Paris."},
-                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]
-    with pytest.raises(ChatTemplateError, match="not a prefix.*not supported"):
-        render_chat(rewriting, messages)
+                {"role": "user", "content": "Sure?"},
+                {"role": "assistant", "content": "<think>yes</think>Yes."}]
+    tokens, weights = render_chat(rewriting, messages)
+    # Each assistant turn trains as the template shows it in context: the earlier one without
+    # its (stripped) thinking, the last one with it.
+    assert weighted_runs(rewriting, tokens, weights) == [
+        ("Paris.<|im_end|>", 1.0), ("<think>yes</think>Yes.<|im_end|>", 1.0)]
 
     rows = load_chat_rows(str(write_jsonl(tmp_path / "think.jsonl", [{"messages": messages}])))
-    with pytest.raises(DatasetError, match=r"think\.jsonl:1: chat template .* not a prefix"):
-        build_sft_examples(rows, rewriting, max_seq_len=512)
+    examples, _ = build_sft_examples(rows, rewriting, max_seq_len=512)
+    assert examples[0].tokens == tokens
+
+    weighted_user = [{**USER, "weight": 1}, *messages[1:]]
+    with pytest.raises(ChatTemplateError, match=r"messages\[0\] is a weighted user turn"):
+        render_chat(rewriting, weighted_user)
 
 
 def test_tokenizer_without_chat_template_is_refused(tokenizer):

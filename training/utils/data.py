@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 
 from training.sdk.types import Datum, ModelInput, TensorData
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles accepted in ``messages``."""
@@ -438,8 +442,10 @@ def render_chat(tokenizer: Any, messages: Sequence[dict], *,
 
     Message boundaries come from rendering prefixes of the conversation, which must be prefixes
     of the full rendering. Templates that rewrite earlier turns depending on what follows (for
-    example, dropping the ``<think>`` block of earlier assistant turns) are not supported and
-    raise :class:`ChatTemplateError`. A template without ``add_generation_prompt`` support still
+    example Qwen3's, which drops the ``<think>`` block of earlier assistant turns) fall back to
+    locating each weighted assistant turn by its content in the full rendering: it is trained as
+    the template shows it in context, from after its header to its end-of-turn token; with such
+    a template only assistant turns may carry weight (else :class:`ChatTemplateError`). A template without ``add_generation_prompt`` support still
     renders correctly, but its assistant headers are then trained on.
 
     Args:
@@ -465,6 +471,21 @@ def _render_validated(tokenizer: Any, messages: Sequence[dict],
                       tools: list[dict] | None) -> tuple[list[int], list[float]]:
     template_messages = [_template_message(m) for m in messages]
     full = _apply_template(tokenizer, template_messages, tools, add_generation_prompt=False)
+    try:
+        char_weights, trailing = _weights_by_prefixes(tokenizer, messages, template_messages,
+                                                      tools, full)
+    except ChatTemplateError as prefix_error:
+        # Templates that rewrite history (Qwen3 strips earlier <think> blocks) have no stable
+        # prefixes; assistant turns can still be found by their content, in order.
+        char_weights, trailing = _weights_by_content(tokenizer, messages, template_messages,
+                                                     tools, full, prefix_error)
+    return _token_weights(tokenizer, full, char_weights, trailing)
+
+
+def _weights_by_prefixes(tokenizer: Any, messages: Sequence[dict],
+                         template_messages: list[dict], tools: list[dict] | None,
+                         full: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-character weights from the lengths of rendered conversation prefixes."""
 
     def prefix_length(count: int, add_generation_prompt: bool) -> int:
         text = _apply_template(tokenizer, template_messages[:count], tools, add_generation_prompt)
@@ -499,7 +520,72 @@ def _render_validated(tokenizer: Any, messages: Sequence[dict],
         while core_end > start and full[core_end - 1].isspace():
             core_end -= 1
         trailing[core_end:end] = True
+    return char_weights, trailing
 
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _weights_by_content(tokenizer: Any, messages: Sequence[dict],
+                        template_messages: list[dict], tools: list[dict] | None, full: str,
+                        prefix_error: ChatTemplateError) -> tuple[np.ndarray, np.ndarray]:
+    """Per-character weights for templates without stable prefixes.
+
+    Each weighted assistant turn is located by searching its content in the full rendering,
+    after the previous one; its span runs from the end of the assistant header before it (so a
+    rendered ``<think>`` block is included) to the end-of-turn token after it (so rendered tool
+    calls are included). Only assistant turns can carry weight this way.
+    """
+    name = _tokenizer_name(tokenizer)
+    end_token = getattr(tokenizer, "eos_token", None) or ""
+    probe = [{"role": "user", "content": "x"}]
+    without = _apply_template(tokenizer, probe, tools, add_generation_prompt=False)
+    with_prompt = _apply_template(tokenizer, probe, tools, add_generation_prompt=True)
+    header = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+    char_weights = np.zeros(len(full), dtype=np.float64)
+    trailing = np.zeros(len(full), dtype=bool)
+    cursor = 0
+    for i, (message, shown) in enumerate(zip(messages, template_messages, strict=True)):
+        weight = message_weight(message)
+        if weight == 0:
+            continue
+        if message["role"] != "assistant":
+            raise ChatTemplateError(
+                f"{prefix_error} (messages[{i}] is a weighted {message['role']} turn; only "
+                f"assistant turns can be trained with such a template)") from prefix_error
+        content = shown.get("content") or ""
+        needle = re.sub(r"(?s)^\s*<think>.*?</think>\s*", "", content).strip()
+        found = full.find(needle, cursor) if needle else -1
+        if found < 0:
+            raise ChatTemplateError(
+                f"{prefix_error} (and messages[{i}]'s content could not be located in the "
+                f"rendering either)") from prefix_error
+        start = found
+        if header:
+            header_at = full.rfind(header.strip(), cursor, found)
+            if header_at >= 0:
+                start = header_at + len(header.strip())
+                while start < found and full[start] in "\n":
+                    start += 1
+        end = found + len(needle)
+        if end_token:
+            end_at = full.find(end_token, end)
+            next_header = full.find(header.strip(), end) if header else -1
+            if end_at >= 0 and (next_header < 0 or end_at < next_header):
+                end = end_at + len(end_token)
+        char_weights[start:end] = weight
+        cursor = end
+    if name not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(name)
+        logger.warning("chat template of tokenizer %s rewrites earlier turns; assistant turns "
+                       "are located by their content instead (only assistant turns train)",
+                       name)
+    return char_weights, trailing
+
+
+def _token_weights(tokenizer: Any, full: str, char_weights: np.ndarray,
+                   trailing: np.ndarray) -> tuple[list[int], list[float]]:
+    """Token ids of ``full`` and the weight of each (decided by its last character)."""
     tokens, offsets = _tokenize_with_offsets(tokenizer, full)
     if not tokens or not full:
         return tokens, [0.0] * len(tokens)
