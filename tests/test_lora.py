@@ -218,3 +218,31 @@ def test_preference_recipes_train_an_adapter_and_resume_exactly(tmp_path, tiny_m
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # it trained
+
+
+def test_deployment_hotloads_an_adapter_onto_its_base(lora_client):
+    from training.sdk import DeploymentManager, SamplingParams
+
+    service, client = lora_client
+    _train(client, [_datum(_tokens(client, "serve the adapter"))], 3, lr=5e-2)
+    first = client.save_weights_for_sampler_ext("serve-1")
+    manager = DeploymentManager(service.store, device="cpu", engine="transformers")
+    deployment = manager.create_deployment(TEST_MODEL, "lora-serve")
+    manager.hotload("lora-serve", first.path)
+    assert deployment.current_snapshot_identity == first.path
+    prompt = [5, 6, 7, 8]
+    out = deployment.sample([prompt], SamplingParams(max_tokens=5, temperature=0))[0][0]
+    with torch.no_grad():
+        full = torch.tensor([prompt + out.tokens])
+        expected = torch.log_softmax(client.model(input_ids=full).logits[0].float(), -1)
+    expected = expected[len(prompt) - 1:-1].gather(-1, torch.tensor(out.tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=0)
+
+    # A second adapter replaces the first (merged onto the pristine base, not onto the first).
+    _train(client, [_datum(_tokens(client, "serve the adapter"))], 2, lr=5e-2)
+    second = client.save_weights_for_sampler_ext("serve-2")
+    manager.hotload("lora-serve", second.path)
+    with torch.no_grad():
+        engine_logits = deployment.engine.model(input_ids=torch.tensor([prompt])).logits
+        policy_logits = client.model(input_ids=torch.tensor([prompt])).logits
+    torch.testing.assert_close(engine_logits, policy_logits, atol=1e-4, rtol=0)

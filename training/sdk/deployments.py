@@ -44,8 +44,10 @@ from training.sdk.snapshots import (
     apply_delta,
     load_base_weights,
     make_snapshot_identity,
+    merge_lora_weights,
     parse_snapshot_identity,
     read_delta_manifest,
+    sampler_weights,
 )
 from training.sdk.store import CheckpointStore, validate_name
 from training.sdk.types import SampledSequence, SamplingParams
@@ -380,6 +382,7 @@ class Deployment:
     engine: InferenceEngine | None = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     _held: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _base_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -652,6 +655,15 @@ class DeploymentManager:
             self.hotload(deployment_id, identity, **kwargs)
         return list(reversed(chain))
 
+    def _pristine_base(self, deployment: Deployment) -> dict[str, torch.Tensor]:
+        """The base model's own weights (loaded once per deployment, for LoRA merges)."""
+        if deployment._base_weights is None:
+            from training.sdk.models import load_causal_lm
+
+            deployment._base_weights = sampler_weights(
+                load_causal_lm(deployment.base_model, self.store), torch.float32)
+        return deployment._base_weights
+
     def _reconstruct(self, deployment: Deployment, identity: str,
                      meta: Any) -> dict[str, torch.Tensor]:
         if meta.base_model != deployment.base_model:
@@ -664,9 +676,14 @@ class DeploymentManager:
         try:
             if meta.snapshot_type == "INFERENCE_BASE":
                 return load_base_weights(self.store, entry_dir, identity)
+            if meta.snapshot_type == "INFERENCE_LORA":
+                # An adapter always applies to the pristine base, whatever is held now.
+                with self.store.local_copy(entry_dir) as local:
+                    return merge_lora_weights(self._pristine_base(deployment), local, identity)
             if meta.snapshot_type != "INFERENCE_ARC_V2":
                 raise HotloadError(f"snapshot {identity} is {meta.snapshot_type}; deployments "
-                                   f"hot-load INFERENCE_BASE and INFERENCE_ARC_V2 snapshots")
+                                   f"hot-load INFERENCE_BASE, INFERENCE_LORA and "
+                                   f"INFERENCE_ARC_V2 snapshots")
             with self.store.local_copy(entry_dir) as local:
                 reference = read_delta_manifest(local).reference
                 held = deployment.current_snapshot_identity

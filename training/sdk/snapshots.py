@@ -386,6 +386,40 @@ def load_base_weights(store: CheckpointStore, entry_dir: str, identity: str,
     return weights
 
 
+def merge_lora_weights(base: Mapping[str, torch.Tensor], adapter_dir: str,
+                       identity: str) -> dict[str, torch.Tensor]:
+    """``base`` with a PEFT LoRA adapter directory merged in: ``W + scale * B @ A`` per module.
+
+    ``scale`` is ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), as peft's ``merge_and_unload``
+    computes it; the sum is done in fp32 and cast back to each base tensor's dtype.
+
+    Raises:
+        SnapshotMismatchError: the adapter targets a module the base does not have, or uses a
+            variant (DoRA) this merge does not implement.
+    """
+    config = _read_json(os.path.join(adapter_dir, "adapter_config.json"), required=True)
+    if config.get("use_dora"):
+        raise SnapshotMismatchError(f"snapshot {identity} is a DoRA adapter; deployments merge "
+                                    f"plain LoRA adapters only")
+    rank = config["r"]
+    scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
+    adapter = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    merged = dict(base)
+    for key, lora_a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        target = f"{module}.weight"
+        lora_b = adapter.get(key.replace(".lora_A.", ".lora_B."))
+        if target not in base or lora_b is None:
+            raise SnapshotMismatchError(f"snapshot {identity}: adapter module {module!r} has no "
+                                        f"matching weight in the base model (or no lora_B)")
+        weight = base[target]
+        merged[target] = (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(
+            weight.dtype)
+    return merged
+
+
 def _manifest_reference(store: CheckpointStore, entry_dir: str) -> str:
     with store.local_copy(entry_dir) as local:
         return read_delta_manifest(local).reference
