@@ -148,14 +148,6 @@ def validate(config: Config) -> None:
     if config.tis_cap and config.tis_cap < 1:
         raise ConfigError(f"tis_cap={config.tis_cap} is below 1: it would down-weight even "
                           f"tokens the trainer and sampler agree on; use >= 1 (2 is usual) or 0")
-    if config.lora_rank > 0:
-        # A LoRA run's sampler snapshots are adapters (INFERENCE_LORA); local deployments
-        # hot-load only full weights (INFERENCE_BASE) and XOR deltas (INFERENCE_ARC_V2), so the
-        # policy could not be served. Refused here rather than after the models are loaded.
-        raise ConfigError(
-            f"lora_rank={config.lora_rank}: rl_loop samples from a deployment kept in sync with "
-            f"the policy, and deployments cannot hot-load LoRA adapter snapshots "
-            f"(INFERENCE_LORA) yet; train full weights (lora_rank=0)")
     if config.kl_beta < 0:
         raise ConfigError(f"kl_beta must be >= 0, got {config.kl_beta}")
     try:
