@@ -23,6 +23,7 @@ Deployments live in the process that created them (there is no server process to
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import logging
 import os
@@ -96,29 +97,29 @@ def vllm_available() -> bool:
 
 
 # --------------------------------------------------------------------------------- engines
-class InferenceEngine:
+class InferenceEngine(abc.ABC):
     """What a deployment needs from an inference engine."""
 
     name = "abstract"
 
+    @abc.abstractmethod
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every weight a snapshot must provide (tied weights once)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  num_samples: int = 1, on_token: TokenCallback | None = None,
                  ) -> list[list[SampledSequence]]:
         """``num_samples`` completions of each prompt (token ids), in one batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Replace the served weights (already checked against :meth:`weight_shapes`)."""
-        raise NotImplementedError
 
-    def reset_prompt_cache(self) -> None:
+    def reset_prompt_cache(self) -> None:  # noqa: B027 (optional hook; default: no cache)
         """Forget cached prompt KV state (stale once the weights change)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook; default: nothing to release)
         """Release the engine's memory."""
 
 
