@@ -192,6 +192,8 @@ class ResumableRun:
             promoted = self._promote()
         finally:
             self._lock.release()
+        if promoted:
+            print(f"Promoted model: {promoted['name']} at {promoted['path']}", flush=True)
         return RunResult(str(self.log_path), row["step"], row, promoted, already_complete=True)
 
     # ---------------------------------------------------------------- start
