@@ -120,9 +120,7 @@ def main(config: Config) -> RunResult:
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
     data_limit = config.epochs * len(dataset)
     fingerprint = dataset_fingerprint(config.dataset, split=config.dataset_split)
 

@@ -341,9 +341,7 @@ def main(config: Config) -> RunResult:
         config.dataset, tokenizer, split=config.dataset_split, required_fields=required_fields(
             reward), max_prompt_tokens=config.max_seq_len - config.max_completion_tokens)
     dataset = SupervisedDataset(list(range(len(prompts))), seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
     data_limit = config.epochs * len(dataset)
     clip_low, clip_high = resolve_clip(config.loss, config.clip_eps_low, config.clip_eps_high)
 

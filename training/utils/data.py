@@ -893,12 +893,14 @@ class SupervisedDataset(Generic[ExampleT]):
             raise ValueError(f"batch_size is {batch_size}; expected >= 1")
         return [self.example_at(p) for p in range(data_consumed, data_consumed + batch_size)]
 
-    def num_steps(self, epochs: int, batch_size: int) -> int:
+    def num_steps(self, epochs: int, batch_size: int, max_steps: int | None = None) -> int:
         """Optimizer steps to consume ``epochs`` epochs in batches of ``batch_size`` examples
-        (``ceil(epochs * len(self) / batch_size)``; the last batch runs into the next epoch)."""
+        (``ceil(epochs * len(self) / batch_size)``; the last batch runs into the next epoch),
+        capped at ``max_steps`` when given."""
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs={epochs}, batch_size={batch_size}; both must be >= 1")
-        return -(-epochs * len(self.examples) // batch_size)
+        steps = -(-epochs * len(self.examples) // batch_size)
+        return steps if max_steps is None else min(steps, max_steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,28 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+def truncate_steps_after(path: str | os.PathLike[str], start_step: int) -> None:
+    """Drop the rows of a per-step JSONL file whose ``step`` is after ``start_step``.
+
+    A resumed run rewrites the steps after its checkpoint, so their old rows (and a torn last
+    line from the crash) must go first; the file is replaced atomically.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from a crash mid-write
+        if isinstance(row, dict) and row.get("step", math.inf) <= start_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Appends one JSON row per step to ``{log_path}/metrics.jsonl``.
 
@@ -30,26 +52,12 @@ class MetricsLogger:
                  sinks: list[Any] | None = None) -> None:
         self.path = Path(log_path) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        truncate_steps_after(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.sinks = sinks or []
         """Extra destinations (:class:`TensorBoardSink`, :class:`WandbSink`): ``log(step,
         metrics)`` and ``close()``."""
 
-    def _truncate_after(self, start_step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn line from a crash mid-write
-            if isinstance(row, dict) and row.get("step", math.inf) <= start_step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -14,7 +14,6 @@ reward function reads (``answer``, ``pattern``, ...)::
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 
 from training.sdk.types import Datum, ModelInput, TensorData
 from training.utils.data import DatasetError, load_chat_rows
+from training.utils.metrics import truncate_steps_after
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 
@@ -197,18 +197,7 @@ class RolloutLog:
     def __init__(self, log_path: str | os.PathLike[str], start_step: int = 0) -> None:
         self.path = Path(log_path) / ROLLOUTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn line from a crash mid-write
-                if isinstance(row, dict) and row.get("step", math.inf) <= start_step:
-                    kept.append(line)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+        truncate_steps_after(self.path, start_step)
 
     def append(self, step: int, batch: RolloutBatch, prompts: Sequence[RLPrompt]) -> None:
         """Write the rollouts of 1-based ``step``."""
