@@ -323,3 +323,28 @@ def test_vllm_engine_hotloads_and_samples(store_root, tiny_model_dir) -> None:
     out = deployment.sample(PROMPTS, SamplingParams(max_tokens=4, seed=0), num_samples=2)
     assert [len(seqs) for seqs in out] == [2, 2]
     assert all(len(s.tokens) == len(s.logprobs) for seqs in out for s in seqs)
+
+
+def test_prompt_logprobs_equal_a_forward_pass(setup, store_root) -> None:
+    client, manager, deployment = setup
+    from training.sdk.sampling import SamplingClient
+
+    sampler = SamplingClient(manager, deployment.deployment_id)
+    prompt = PROMPTS[1]
+    out = sampler.sample(ModelInput.from_ints(prompt), num_samples=1,
+                         sampling_params=SamplingParams(max_tokens=2, seed=0),
+                         include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(
+            deployment.engine.model(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+    expected = logprobs.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), expected, atol=1e-5,
+                               rtol=0)
+    assert out.topk_prompt_logprobs[0] is None
+    for position, top in enumerate(out.topk_prompt_logprobs[1:]):
+        values, indices = logprobs[position].topk(3)
+        assert [t for t, _ in top] == indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-5, rtol=0)
+    plain = sampler.sample(ModelInput.from_ints(prompt)).result()
+    assert plain.prompt_logprobs is None and plain.topk_prompt_logprobs is None

@@ -116,6 +116,13 @@ class InferenceEngine(abc.ABC):
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Replace the served weights (already checked against :meth:`weight_shapes`)."""
 
+    def prompt_logprobs(self, prompt: Sequence[int], topk: int = 0,
+                        ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """``log p(prompt_i | prompt_<i)`` per token (None first) and the ``topk`` most likely
+        ``(token, logprob)`` per position (empty lists when ``topk`` is 0)."""
+        raise DeploymentError(f"the {self.name} engine does not serve prompt logprobs; use "
+                              f"TrainingClient.forward for logprobs of given tokens")
+
     def reset_prompt_cache(self) -> None:  # noqa: B027 (optional hook; default: no cache)
         """Forget cached prompt KV state (stale once the weights change)."""
 
@@ -182,6 +189,21 @@ class TransformersEngine(InferenceEngine):
 
     def reset_prompt_cache(self) -> None:
         self.prompt_cache_resets += 1
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt: Sequence[int], topk: int = 0,
+                        ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        if len(prompt) == 0:
+            raise ValueError("the prompt needs at least one token")
+        ids = torch.tensor([list(map(int, prompt))], device=self.device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), -1)
+        chosen = logprobs.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        top: list[list[tuple[int, float]] | None] = [None]
+        if topk > 0:
+            values, indices = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
+            top += [list(zip(i.tolist(), v.tolist(), strict=True))
+                    for i, v in zip(indices, values, strict=True)]
+        return [None, *chosen], top if topk > 0 else []
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -405,6 +427,13 @@ class Deployment:
         """
         with self._lock:
             return self._engine().generate(prompts, params, num_samples, on_token)
+
+    def prompt_logprobs(self, prompt: Sequence[int], topk: int = 0,
+                        ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Logprobs of the prompt's own tokens under the served weights; see
+        :meth:`InferenceEngine.prompt_logprobs`."""
+        with self._lock:
+            return self._engine().prompt_logprobs(prompt, topk)
 
     def _engine(self) -> InferenceEngine:
         if self.state == "DELETED":

@@ -52,14 +52,21 @@ class SamplingClient:
         """``num_samples`` completions of ``prompt`` in one batch; returns a completed future.
 
         Each sequence has its tokens (the stop token included), per-token logprobs and its
-        ``stop_reason``. Prompt logprobs are not available locally.
+        ``stop_reason``. ``include_prompt_logprobs`` / ``topk_prompt_logprobs=k`` also score the
+        prompt's own tokens (and the k most likely tokens at each prompt position) under the
+        same weights.
         """
-        if include_prompt_logprobs or topk_prompt_logprobs:
-            raise NotImplementedError("prompt logprobs are not served by local deployments; use "
-                                      "TrainingClient.forward for logprobs of given tokens")
         params = sampling_params or SamplingParams()
-        sequences = self.deployment.sample([prompt.to_ints()], params, num_samples)[0]
-        return _done(SampleResponse(sequences=sequences))
+        deployment = self.deployment
+        # One hold of the (re-entrant) deployment lock: no hotload between the two passes.
+        with deployment._lock:
+            sequences = deployment.sample([prompt.to_ints()], params, num_samples)[0]
+            response = SampleResponse(sequences=sequences)
+            if include_prompt_logprobs or topk_prompt_logprobs:
+                chosen, top = deployment.prompt_logprobs(prompt.to_ints(), topk_prompt_logprobs)
+                response.prompt_logprobs = chosen if include_prompt_logprobs else None
+                response.topk_prompt_logprobs = top if topk_prompt_logprobs else None
+        return _done(response)
 
     async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
                            sampling_params: SamplingParams | None = None) -> SampleResponse:

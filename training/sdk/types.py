@@ -272,3 +272,9 @@ class SampleResponse:
     """Result of ``SamplingClient.sample``: ``num_samples`` sequences for the prompt."""
 
     sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    """With ``include_prompt_logprobs``: ``log p(prompt_i | prompt_<i)`` per prompt token;
+    ``None`` for the first token (nothing predicts it)."""
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """With ``topk_prompt_logprobs=k``: the k most likely ``(token, logprob)`` at each prompt
+    position; ``None`` for the first token."""
