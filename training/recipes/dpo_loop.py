@@ -35,7 +35,7 @@ from training.sdk.store import CheckpointStore
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import LONG_ROW_POLICIES, SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset, dataset_fingerprint
 from training.utils.losses import DPO_LOSS_TYPES, dpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -77,9 +77,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.long_row_policy not in LONG_ROW_POLICIES:
-        raise ConfigError(f"long_row_policy={config.long_row_policy!r}: expected one of "
-                          f"{', '.join(LONG_ROW_POLICIES)}")
     if config.loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"loss_type={config.loss_type!r}: expected one of "
                           f"{', '.join(DPO_LOSS_TYPES)}")

@@ -33,7 +33,7 @@ from training.sdk.store import CheckpointStore
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import LONG_ROW_POLICIES, SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset, dataset_fingerprint
 from training.utils.losses import orpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -66,9 +66,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.long_row_policy not in LONG_ROW_POLICIES:
-        raise ConfigError(f"long_row_policy={config.long_row_policy!r}: expected one of "
-                          f"{', '.join(LONG_ROW_POLICIES)}")
     if not config.orpo_lambda > 0:
         raise ConfigError(f"orpo_lambda must be > 0, got {config.orpo_lambda} (the paper uses "
                           f"0.1 to 1)")

@@ -150,13 +150,6 @@ def validate(config: Config) -> None:
                           f"tokens the trainer and sampler agree on; use >= 1 (2 is usual) or 0")
     if config.kl_beta < 0:
         raise ConfigError(f"kl_beta must be >= 0, got {config.kl_beta}")
-    try:
-        GradAccNormalization(config.grad_accumulation_normalization)
-    except ValueError as e:
-        choices = ", ".join(m.value for m in GradAccNormalization)
-        raise ConfigError(f"grad_accumulation_normalization="
-                          f"{config.grad_accumulation_normalization!r}: expected one of "
-                          f"{choices}") from e
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -23,9 +23,8 @@ from training.sdk import GradAccNormalization
 from training.sdk.models import load_tokenizer
 from training.sdk.store import CheckpointStore
 from training.sdk.tiny_model import SAMPLE_CHATS_PATH
-from training.utils.config import ConfigError, TrainConfig, validate_common
+from training.utils.config import TrainConfig, validate_common
 from training.utils.data import (
-    LONG_ROW_POLICIES,
     SupervisedDataset,
     build_sft_examples,
     dataset_fingerprint,
@@ -50,16 +49,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.long_row_policy not in LONG_ROW_POLICIES:
-        raise ConfigError(f"long_row_policy={config.long_row_policy!r}: expected one of "
-                          f"{', '.join(LONG_ROW_POLICIES)}")
-    try:
-        GradAccNormalization(config.grad_accumulation_normalization)
-    except ValueError as e:
-        choices = ", ".join(m.value for m in GradAccNormalization)
-        raise ConfigError(f"grad_accumulation_normalization="
-                          f"{config.grad_accumulation_normalization!r}: expected one of "
-                          f"{choices}") from e
 
 
 def main(config: Config) -> RunResult:

@@ -156,6 +156,22 @@ def validate_common(config: Any) -> None:
                           f"{config.dcp_save_interval}")
     if getattr(config, "learning_rate", 1.0) <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+    # Fields several (not all) recipes have: checked here once, when present.
+    long_row_policy = getattr(config, "long_row_policy", None)
+    if long_row_policy is not None:
+        from training.utils.data import LONG_ROW_POLICIES
+
+        if long_row_policy not in LONG_ROW_POLICIES:
+            raise ConfigError(f"long_row_policy={long_row_policy!r}: expected one of "
+                              f"{', '.join(LONG_ROW_POLICIES)}")
+    normalization = getattr(config, "grad_accumulation_normalization", None)
+    if normalization is not None:
+        from training.sdk.types import GradAccNormalization
+
+        choices = [m.value for m in GradAccNormalization]
+        if normalization not in choices:
+            raise ConfigError(f"grad_accumulation_normalization={normalization!r}: expected one "
+                              f"of {', '.join(choices)}")
     schedule = getattr(config, "lr_schedule", None)
     if schedule is not None:
         from training.utils.lr_schedule import LR_SCHEDULES
