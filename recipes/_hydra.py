@@ -22,6 +22,8 @@ def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
+    from training.sdk.distributed import RankLostError
+
     ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=name)
@@ -33,6 +35,12 @@ def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
             print(f"error: {key} is required (e.g. {key}=./runs/my_run)", file=sys.stderr)
             sys.exit(2)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        main(config)
+        try:
+            main(config)
+        except RankLostError as e:
+            # Print now: torchrun stops this process within moments, often before a traceback
+            # would be formatted.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     _cli()

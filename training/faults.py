@@ -14,6 +14,9 @@ Points (each placed where a crash is most damaging):
     ``meta.json`` (the entry is incomplete).
 ``checkpoints.append``
     half of a ``checkpoints.jsonl`` row has been written and flushed (a torn line).
+
+Under torchrun every rank inherits the variable; ``HOMEFIRE_FAULT_RANK=<r>`` arms it in rank
+``r`` alone (a lost rank).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 
 ENV_VAR = "HOMEFIRE_FAULT_POINT"
+RANK_ENV_VAR = "HOMEFIRE_FAULT_RANK"
 
 _spec = os.environ.get(ENV_VAR) or None
 _hits: Counter[str] = Counter()
@@ -37,7 +41,8 @@ def _parse(spec: str) -> tuple[str, int]:
     return point, int(count)
 
 
-_target = _parse(_spec) if _spec is not None else None
+_armed_here = os.environ.get(RANK_ENV_VAR) in (None, "", os.environ.get("RANK", "0"))
+_target = _parse(_spec) if _spec is not None and _armed_here else None
 
 
 def fault_point(name: str, before_kill: Callable[[], None] | None = None) -> None:

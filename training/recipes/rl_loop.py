@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from training.sdk import GradAccNormalization, SamplingClient, WeightSyncer
+from training.sdk import GradAccNormalization, SamplingClient, WeightSyncer, distributed
 from training.sdk.models import load_tokenizer
 from training.sdk.service_client import ServiceClient
 from training.sdk.snapshots import make_snapshot_identity
@@ -317,7 +317,8 @@ class PolicySync:
         """Serve the current weights (after ``step`` optimizer steps); returns the identity."""
         name = self.syncer.save_and_hotload(f"rl-sync-{step}", checkpoint_type=checkpoint_type)
         if self._previous is not None:
-            self.store.delete(self.store.sampler_dir(self.client.job_id, self._previous))
+            previous = self.store.sampler_dir(self.client.job_id, self._previous)
+            distributed.on_main(lambda: self.store.delete(previous))
         self._previous = name
         return make_snapshot_identity(self.client.job_id, name)
 

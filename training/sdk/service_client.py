@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from training.sdk import distributed
 from training.sdk.deployments import DeploymentManager
 from training.sdk.lora import apply_lora
 from training.sdk.models import load_causal_lm, load_tokenizer, model_source
@@ -40,14 +41,21 @@ class ServiceClient:
             this service's store, created on first use).
         deployment_id: the deployment that sampling clients use (default: created on first
             use, for the policy's base model).
+        async_saves: training clients write train states in the background
+            (:meth:`TrainingClient.save_state`); training only waits for the state to be copied.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the service joins the process group and its
+    training clients train data-parallel with FSDP2 (see :mod:`training.sdk.distributed`).
     """
 
     def __init__(self, storage_root: str | None = None, *, device: str = "auto",
                  mixed_precision: str = "auto", account: str | None = None,
                  sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
-                 deployment_id: str | None = None) -> None:
+                 deployment_id: str | None = None, async_saves: bool = False) -> None:
         self.store = CheckpointStore(storage_root)
-        self.device = resolve_device(device)
+        self.world = distributed.init_from_env(resolve_device(device))
+        self.device = distributed.rank_device(resolve_device(device))
+        self.async_saves = async_saves
         self.autocast_dtype = resolve_autocast_dtype(mixed_precision, self.device)
         self.account = account
         self.sampler_dtype = sampler_dtype
@@ -102,19 +110,27 @@ class ServiceClient:
                 raise ValueError(f"job {job_id!r} trains base_model={job.base_model!r}, "
                                  f"lora_rank={job.lora_rank}; cannot reattach it for "
                                  f"base_model={base_model!r}, lora_rank={lora_rank}")
+        if lora_rank > 0 and self.world.distributed:
+            raise ValueError(f"lora_rank={lora_rank} under torchrun (world size "
+                             f"{self.world.world_size}): LoRA training is single-process for "
+                             f"now; launch without torchrun, or train all weights "
+                             f"(lora_rank=0) across processes")
         tokenizer = load_tokenizer(tokenizer_model or base_model, self.store)
         model = load_causal_lm(base_model, self.store, dtype=torch.float32, device=self.device)
         if job_id is None:
-            job = self.store.create_job(base_model, lora_rank, account=self.account,
-                                        user_metadata=user_metadata, lora=lora)
+            # One job for all ranks: rank 0 creates it, the others attach to it.
+            job = distributed.on_main(lambda: self.store.create_job(
+                base_model, lora_rank, account=self.account, user_metadata=user_metadata,
+                lora=lora))
         if job.lora_rank > 0 and not frozen:
             settings = job.lora or {}
             model = apply_lora(model, job.lora_rank, settings.get("alpha"),
                                settings.get("dropout", 0.0), settings.get("target_modules"))
-        self.store.cleanup_expired(job.job_id)
+        distributed.on_main(lambda: self.store.cleanup_expired(job.job_id))
+        model = distributed.shard_model(model, self.device, self.autocast_dtype)
         client = TrainingClient(store=self.store, job=job, model=model, tokenizer=tokenizer,
                                 device=self.device, autocast_dtype=self.autocast_dtype,
-                                frozen=frozen,
+                                frozen=frozen, async_saves=self.async_saves and not frozen,
                                 sampler_dtype=_resolve_sampler_dtype(self.sampler_dtype,
                                                                      base_model, self.store))
         logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",

@@ -286,21 +286,43 @@ class CheckpointStore:
         Local stores write in place after removing any stale, uncommitted leftover of the same
         name; remote stores stage in a local temp dir and upload it.
         """
+        self.clear_entry(final_dir)
+        local = self.open_entry(final_dir)
+        try:
+            yield local
+        except BaseException:
+            self.abort_entry(final_dir, local)
+            raise
+        self.close_entry(final_dir, local)
+
+    # The steps of staging_dir, for writers that finish later (async saves) or together with
+    # other processes (each rank of a sharded save writes its own files into one entry).
+    def clear_entry(self, final_dir: str) -> None:
+        """Remove a stale, uncommitted leftover of ``final_dir`` (before any writer opens it)."""
         if self.fs.exists(final_dir):
             self.fs.rm(final_dir, recursive=True)
+
+    def open_entry(self, final_dir: str) -> str:
+        """A local directory to write ``final_dir``'s files into: the entry itself on a local
+        store, a temp dir that :meth:`close_entry` uploads on a remote one."""
         if self.is_local:
             os.makedirs(final_dir, exist_ok=True)
-            try:
-                yield final_dir
-            except BaseException:
-                # Free the space now (a disk-full save must not make things worse); a crash
-                # that skips this leaves a dir without meta.json, cleaned on the next run.
-                shutil.rmtree(final_dir, ignore_errors=True)
-                raise
+            return final_dir
+        return tempfile.mkdtemp(prefix="homefire-stage-")
+
+    def close_entry(self, final_dir: str, local: str) -> None:
+        """The files are complete: upload them (remote store) and drop the temp dir."""
+        if self.is_local:
             return
-        with tempfile.TemporaryDirectory(prefix="homefire-stage-") as tmp:
-            yield tmp
-            self.fs.put(tmp.rstrip("/") + "/", final_dir, recursive=True)
+        try:
+            self.fs.put(local.rstrip("/") + "/", final_dir, recursive=True)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def abort_entry(self, final_dir: str, local: str) -> None:
+        """A write failed: free its space now (a disk-full save must not make things worse);
+        a crash that skips this leaves a dir without meta.json, cleaned on the next run."""
+        shutil.rmtree(local, ignore_errors=True)
 
     def commit(self, entry_dir: str, meta: EntryMeta) -> None:
         """Publish an entry by writing its ``meta.json`` (the last file written)."""

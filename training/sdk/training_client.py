@@ -21,7 +21,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from training.sdk import distributed
+from training.sdk.distributed import collective
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
 from training.sdk.snapshots import (
@@ -62,6 +66,12 @@ from training.sdk.types import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# DCP warns on every single-process save/load (no process group) that it assumes one process:
+# that is this trainer's normal case. Filtered process-wide because background saves run in
+# DCP's own thread, outside any catch_warnings block.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized", category=UserWarning)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 BUILTIN_LOSSES = ("cross_entropy",)
 
@@ -119,20 +129,26 @@ class TrainingClient:
                  tokenizer: Any, device: torch.device,
                  autocast_dtype: torch.dtype | None, frozen: bool = False,
                  adapter_disabled: bool = False,
-                 sampler_dtype: torch.dtype | None = None) -> None:
+                 sampler_dtype: torch.dtype | None = None, async_saves: bool = False) -> None:
         self.store = store
         self.job = job
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.session_id = secrets.token_hex(4)
+        self.world = distributed.world()
+        """This process's rank among the run's processes (a world of one without torchrun)."""
+        self.session_id = distributed.broadcast_object(secrets.token_hex(4))
         """8 hex chars that qualify this session's sampler snapshot names."""
         self._optimizer: torch.optim.Optimizer | None = None
         self._step = 0
         self._pending_loss_tokens = 0
         self._pending_sequences = 0
         self._pending_backward = False
+        self.async_saves = async_saves
+        """``save_state`` writes in the background (see :meth:`save_state`)."""
+        self._pending_saves: list[Future[SaveStateResponse]] = []
+        self._stager = _ReusedBufferStager()
         self.frozen = frozen
         """A reference client: forward passes only (no gradients, no optimizer, no saves)."""
         self.sampler_dtype = sampler_dtype or next(model.parameters()).dtype
@@ -168,14 +184,45 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- forward passes
     def _logprobs(self, datums: Sequence[Datum], *, require_targets: bool,
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Per-datum log-probabilities (with grad if enabled) and weights.
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None]:
+        """Per-datum log-probabilities (with grad if enabled), weights, and a graph anchor.
 
         With ``target_tokens``, entry j is ``log p(target_j | input_<=j)``. Without (weight-based
         datums), entry j is ``log p(token_j | tokens_<j)`` and entry 0 is 0.
+
+        Under torchrun each rank runs the model on its contiguous share of the datums only and
+        receives the other ranks' log-probs (detached): every rank then sees the whole batch, and
+        a loss over it sends gradient through this rank's share alone, so the summed gradients
+        of all ranks are exactly the gradient of that loss. The anchor (None for one process) is
+        a zero that depends on every parameter this rank ran: add it to the loss so that each
+        rank takes part in FSDP's gradient reduction even with no datum of its own.
         """
         if not datums:
             raise ValueError("no datums given")
+        inputs, targets, shifted, weights = self._prepare(datums, require_targets)
+        if not self.world.distributed:
+            return self._run_model(inputs, targets, shifted), weights, None
+        start, stop = distributed.shard_range(len(datums), self.world)
+        if start < stop:
+            local = self._run_model(inputs[start:stop], targets[start:stop],
+                                    shifted[start:stop])
+            anchor = torch.stack([lp.sum() for lp in local]).sum() * 0.0
+        else:  # fewer datums than ranks: run one token so FSDP's collectives still match
+            local = []
+            anchor = self._run_model([[0]], [torch.zeros(1, dtype=torch.long)], [False])[0].sum()
+            anchor = anchor * 0.0
+        shares = distributed.all_gather_object([lp.detach().float().cpu() for lp in local])
+        per_datum: list[torch.Tensor] = []
+        for rank, share in enumerate(shares):
+            per_datum.extend(local if rank == self.world.rank
+                             else [lp.to(self.device) for lp in share])
+        return per_datum, weights, anchor
+
+    def _prepare(self, datums: Sequence[Datum], require_targets: bool,
+                 ) -> tuple[list[list[int]], list[torch.Tensor], list[bool],
+                            list[torch.Tensor | None]]:
+        """Check every datum (on every rank, so all of them raise the same error) and unpack
+        token ids, targets (shifted inputs for weight-only datums) and weights."""
         inputs: list[list[int]] = []
         targets: list[torch.Tensor] = []
         shifted: list[bool] = []
@@ -207,12 +254,16 @@ class TrainingClient:
                     raise ValueError(f"datum {i}: weights has {w.numel()} entries, model_input "
                                      f"has {len(tokens)} tokens; they must match")
             weights.append(w)
+        return inputs, targets, shifted, weights
 
+    def _run_model(self, inputs: list[list[int]], targets: list[torch.Tensor],
+                   shifted: list[bool]) -> list[torch.Tensor]:
+        """One packed forward pass; the log-prob of each sequence's targets."""
         batch = pack_sequences(inputs, targets, pad_id=self.tokenizer.pad_token_id or 0)
         adapter_off = adapter_disabled(self.model) if self.adapter_disabled else nullcontext()
-        with adapter_off, torch.autocast(self.device.type,
-                                         dtype=self.autocast_dtype or torch.bfloat16,
-                                         enabled=self.autocast_dtype is not None):
+        with adapter_off, collective("running the forward pass"), torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                enabled=self.autocast_dtype is not None):
             logits = self.model(input_ids=batch.input_ids.to(self.device),
                                 position_ids=batch.position_ids.to(self.device),
                                 attention_mask=batch.attention_mask.to(self.device),
@@ -228,11 +279,11 @@ class TrainingClient:
             if shifted[i]:
                 lp = torch.cat([lp.new_zeros(1), lp[:-1]])
             per_datum.append(lp)
-        return per_datum, weights
+        return per_datum
 
     def _cross_entropy(self, datums: Sequence[Datum]) -> tuple[torch.Tensor, ForwardBackwardOutput]:
-        logprobs, weights = self._logprobs(datums, require_targets=True)
-        loss = logprobs[0].new_zeros(())
+        logprobs, weights, anchor = self._logprobs(datums, require_targets=True)
+        loss = logprobs[0].new_zeros(()) if anchor is None else anchor
         loss_tokens = 0
         for lp, w in zip(logprobs, weights, strict=True):
             if w is None:
@@ -270,7 +321,8 @@ class TrainingClient:
         if loss_fn_config:
             raise ValueError(f"loss {loss_fn!r} takes no loss_fn_config, got {loss_fn_config}")
         loss, output = self._cross_entropy(datums)
-        loss.backward()
+        with collective("running the backward pass"):
+            loss.backward()
         self._note_backward(datums, int(output.metrics["num_loss_tokens"]))
         return _done(output)
 
@@ -284,17 +336,22 @@ class TrainingClient:
         """
         self._check_trainable("forward_backward_custom")
         datums = list(datums)
-        logprobs, weights = self._logprobs(datums, require_targets=False)
+        logprobs, weights, anchor = self._logprobs(datums, require_targets=False)
         result = loss_fn(datums, logprobs)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise TypeError("custom loss_fn must return (loss_tensor, metrics_dict)")
         loss, metrics = result
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError("custom loss_fn must return a scalar torch.Tensor as its loss")
-        if not loss.requires_grad:
+        # Under torchrun a rank's loss may depend only on other ranks' (detached) log-probs:
+        # the check is whether any rank's does.
+        if not any(distributed.all_gather_object(loss.requires_grad)):
             raise ValueError("the custom loss does not depend on the logprobs (no grad); "
                              "build it from the logprobs_list tensors")
-        loss.backward()
+        if anchor is not None:
+            loss = loss + anchor
+        with collective("running the backward pass"):
+            loss.backward()
         loss_tokens = sum(int((w != 0).sum()) if w is not None else lp.numel()
                           for lp, w in zip(logprobs, weights, strict=True))
         self._note_backward(datums, loss_tokens)
@@ -355,8 +412,11 @@ class TrainingClient:
         # clip_grad_norm_ plus a separate division cost several times the norm itself.
         grad_norm = 0.0
         if grads:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack(torch._foreach_norm(grads)))) / denominator
+            total = torch.nn.utils.get_total_norm(grads)
+            if hasattr(total, "full_tensor"):  # FSDP: a DTensor of per-rank partial norms
+                with collective("reducing the gradient norm"):
+                    total = total.full_tensor()
+            grad_norm = float(total) / denominator
         scale = 1.0 / denominator
         if 0 < adam_params.grad_clip_norm < grad_norm:
             scale *= adam_params.grad_clip_norm / (grad_norm + 1e-6)
@@ -368,7 +428,8 @@ class TrainingClient:
             group["betas"] = (adam_params.beta1, adam_params.beta2)
             group["eps"] = adam_params.eps
             group["weight_decay"] = adam_params.weight_decay
-        optimizer.step()
+        with collective("applying the optimizer step"):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self._step += 1
         self._pending_backward = False
@@ -383,28 +444,84 @@ class TrainingClient:
         """Save weights + optimizer (+ ``user_state``) as a DCP checkpoint named ``name``.
 
         ``user_state`` (a local extension) is any picklable dict stored inside the same DCP
-        checkpoint, e.g. step, data position, RNG states; ``load_state*`` returns it. Gradients
-        accumulated since the last ``optim_step`` are not saved. ``timeout`` is accepted for API
-        compatibility; local saves always complete before returning.
+        checkpoint, e.g. step, data position, RNG states; ``load_state*`` returns it (each rank
+        gets its own under torchrun). Gradients accumulated since the last ``optim_step`` are not
+        saved. ``timeout`` is accepted for API compatibility.
+
+        With :attr:`async_saves` the call returns once the state is copied aside (training may
+        change the weights right away) and the files are written in the background; the future
+        completes when the checkpoint is committed (its ``meta.json`` written), and carries the
+        error if the write failed. Until then the checkpoint does not exist for any reader. At
+        most one save is in flight: the next save, a load, or :meth:`wait_for_saves` waits.
         """
         validate_name(name)
+        self.wait_for_saves()
         state: dict[str, Any] = {
             "model": _train_state_dict(self.model, lora=self.job.lora_rank > 0),
             "trainer": {"step": self._step},
-            "user_state": pickle.dumps(user_state or {}),
+            _user_state_key(self.world.rank): pickle.dumps(user_state or {}),
         }
         if self._optimizer is not None:
             state["optim"] = get_optimizer_state_dict(self.model, self._optimizer)
         entry_dir = self.store.state_dir(self.job_id, name)
-        with self.store.staging_dir(entry_dir) as local:
-            _dcp_call(dcp.save, state, local, f"saving train state {name!r}")
         now = time.time()
-        self.store.commit(entry_dir, EntryMeta(
-            kind="state", name=name, job_id=self.job_id, base_model=self.base_model,
-            created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
-            extra={"step": self._step, "has_optimizer": self._optimizer is not None}))
-        return _done(SaveStateResponse(path=make_cross_job_ref(self.job_id, name), name=name,
-                                       job_id=self.job_id))
+        meta = EntryMeta(kind="state", name=name, job_id=self.job_id, base_model=self.base_model,
+                         created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
+                         extra={"step": self._step, "has_optimizer": self._optimizer is not None,
+                                "world_size": self.world.world_size})
+        response = SaveStateResponse(path=make_cross_job_ref(self.job_id, name), name=name,
+                                     job_id=self.job_id)
+        what = f"saving train state {name!r}"
+        # Every rank writes its shards into the one entry: rank 0 clears a stale leftover first.
+        distributed.on_main(lambda: self.store.clear_entry(entry_dir))
+        local = self.store.open_entry(entry_dir)
+        # Ranks of a remote store each upload their own files; only a barrier tells rank 0 that
+        # all uploads are done, so those saves stay synchronous.
+        if not self.async_saves or (self.world.distributed and not self.store.is_local):
+            try:
+                _dcp_call(dcp.save, state, local, what)
+                self.store.close_entry(entry_dir, local)
+            except BaseException:
+                self.store.abort_entry(entry_dir, local)
+                raise
+            distributed.barrier()
+            distributed.on_main(lambda: self.store.commit(entry_dir, meta))
+            return _done(response)
+
+        future: Future[SaveStateResponse] = Future()
+
+        def committed(write: Future[Any]) -> None:  # runs in DCP's writer thread
+            try:
+                _dcp_result(write, local, what)
+                self.store.close_entry(entry_dir, local)
+                if self.world.is_main:  # rank 0's write finishes after every rank's
+                    self.store.commit(entry_dir, meta)
+                future.set_result(response)
+            except BaseException as e:  # noqa: BLE001 (handed to whoever waits on the future)
+                self.store.abort_entry(entry_dir, local)
+                future.set_exception(e if isinstance(e, StoreError) else StoreError(
+                    f"{what} failed in {self.store.url(entry_dir)}: {type(e).__name__}: {e}"))
+
+        _dcp_async_save(state, local, what, self._stager).add_done_callback(committed)
+        self._pending_saves.append(future)
+        return future
+
+    def wait_for_saves(self) -> None:
+        """Block until every background save has committed; raise the first one's error."""
+        pending, self._pending_saves = self._pending_saves, []
+        errors = []
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    @property
+    def saves_in_flight(self) -> int:
+        """Background saves not yet committed (0 or 1)."""
+        return sum(not f.done() for f in self._pending_saves)
 
     def load_state(self, path: str) -> Future[LoadStateResponse]:
         """Load weights from a train state; the optimizer is reset (fresh moments, step 0)."""
@@ -415,6 +532,7 @@ class TrainingClient:
         return _done(self._load_state(path, with_optimizer=True))
 
     def _load_state(self, path: str, with_optimizer: bool) -> LoadStateResponse:
+        self.wait_for_saves()
         job_id, name = parse_checkpoint_ref(path, default_job_id=self.job_id)
         meta = self.store.get_state(job_id, name)
         if meta.base_model != self.base_model:
@@ -426,8 +544,12 @@ class TrainingClient:
         self._pending_backward = False
         self._pending_loss_tokens = self._pending_sequences = 0
         lora = self.job.lora_rank > 0
+        # A rank the saving run did not have (it ran with fewer processes) gets rank 0's
+        # user state: the data position is the same on every rank.
+        saved_world = int(meta.extra.get("world_size", 1))
+        user_key = _user_state_key(self.world.rank if self.world.rank < saved_world else 0)
         state: dict[str, Any] = {"model": _train_state_dict(self.model, lora),
-                                 "trainer": {"step": 0}, "user_state": b""}
+                                 "trainer": {"step": 0}, user_key: b""}
         restore_optimizer = with_optimizer and meta.extra.get("has_optimizer", False)
         if restore_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self._ensure_optimizer())
@@ -440,7 +562,7 @@ class TrainingClient:
             set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
         self._step = int(state["trainer"]["step"]) if with_optimizer else 0
         return LoadStateResponse(path=make_cross_job_ref(job_id, name),
-                                 user_state=pickle.loads(state["user_state"]))
+                                 user_state=pickle.loads(state[user_key]))
 
     def list_checkpoints(self) -> list[str]:
         """Names of this job's train states (DCP checkpoints), oldest first."""
@@ -508,33 +630,57 @@ class TrainingClient:
         entry_dir = self.store.sampler_dir(self.job_id, snapshot_name)
         lora = self.job.lora_rank > 0
         # An adapter is saved as itself; only full-parameter snapshots need a weights copy.
-        weights = {} if lora else sampler_weights(self.model, self.sampler_dtype)
+        # Under torchrun the full weights are gathered to rank 0, which alone writes them.
+        weights = {} if lora else self._sampler_weights()
         extra: dict[str, Any] = {"step": self._step,
                                  "dtype": str(self.sampler_dtype).removeprefix("torch.")}
-        try:
-            with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
-                if lora:
-                    save_adapter(self.model, local)
-                    self.tokenizer.save_pretrained(local)
-                elif resolved == "base":
-                    write_base_snapshot(local, self.model, self.tokenizer, weights)
-                else:
-                    stats = encode_delta(weights, chain.weights, local,
-                                         reference_identity=chain.identity)
-                    extra.update(reference=chain.identity, delta_bytes=stats.compressed_bytes,
-                                 raw_bytes=stats.raw_bytes)
-        except OSError as e:
-            raise StoreError(f"saving sampler snapshot {snapshot_name!r} of job {self.job_id} "
-                             f"failed in {self.store.url(entry_dir)}: {e}") from e
-        now = time.time()
-        self.store.commit(entry_dir, EntryMeta(
-            kind="sampler", name=snapshot_name, job_id=self.job_id, base_model=self.base_model,
-            created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
-            snapshot_type=self.store.infer_snapshot_type(entry_dir), extra=extra))
+
+        def write() -> None:
+            try:
+                with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
+                    if lora:
+                        save_adapter(self.model, local)
+                        self.tokenizer.save_pretrained(local)
+                    elif resolved == "base":
+                        write_base_snapshot(local, self.model, self.tokenizer, weights)
+                    else:
+                        stats = encode_delta(weights, chain.weights, local,
+                                             reference_identity=chain.identity)
+                        extra.update(reference=chain.identity,
+                                     delta_bytes=stats.compressed_bytes,
+                                     raw_bytes=stats.raw_bytes)
+            except OSError as e:
+                raise StoreError(f"saving sampler snapshot {snapshot_name!r} of job "
+                                 f"{self.job_id} failed in {self.store.url(entry_dir)}: "
+                                 f"{e}") from e
+            now = time.time()
+            self.store.commit(entry_dir, EntryMeta(
+                kind="sampler", name=snapshot_name, job_id=self.job_id,
+                base_model=self.base_model, created_at=now,
+                expires_at=now + ttl_seconds if ttl_seconds else None,
+                snapshot_type=self.store.infer_snapshot_type(entry_dir), extra=extra))
+
+        distributed.on_main(write)
         if not lora:
             # Only a committed snapshot may become the reference of the next delta.
             self._sampler_chain = _SamplerChainHead(identity=identity, weights=weights)
         return SaveSamplerResult(path=identity, snapshot_name=snapshot_name)
+
+    def _sampler_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights in :attr:`sampler_dtype` (rank 0's are the full weights
+        gathered from every rank; other ranks get an empty dict)."""
+        if not self.world.distributed:
+            return sampler_weights(self.model, self.sampler_dtype)
+        with collective("gathering the weights for a sampler snapshot"):
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return {}
+        # Keep tied tensors once, under their first name, as the single-process path does.
+        names = {name for name, _ in self.model.named_parameters()}
+        names |= {name for name, _ in self.model.named_buffers()}
+        return {k: (v.to(self.sampler_dtype) if v.is_floating_point() else v).contiguous()
+                for k, v in full.items() if k in names}
 
     @property
     def sampler_chain_head(self) -> str | None:
@@ -609,10 +755,16 @@ class _SamplerChainHead:
     """Its tensors exactly as stored (CPU, sampler dtype): one model's worth of memory."""
 
 
+def _user_state_key(rank: int) -> str:
+    """Where a rank's user state (data position, RNG states) lives in a train state: rank 0's
+    under the single-process name, so states saved by one process and by N read alike."""
+    return "user_state" if rank == 0 else f"user_state.rank{rank}"
+
+
 def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str) -> None:
     """Run a DCP save/load on a local directory, turning its BaseException into a StoreError."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), collective(what):
             # DCP warns that it runs without a process group: that is the single-process case.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             if fn is dcp.save:
@@ -623,7 +775,71 @@ def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, wha
         raise StoreError(f"{what} failed in {directory}: {_first_line(e)}; the checkpoint is "
                          f"corrupt or incomplete: delete it or use an earlier one") from e
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, distributed.RankLostError):
+            raise
         raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
+
+
+def _dcp_async_save(state: dict[str, Any], directory: str, what: str,
+                    stager: _ReusedBufferStager) -> Future[Any]:
+    """Start a DCP save in a background thread after copying ``state`` into ``stager``'s
+    buffers (the only part the caller waits for)."""
+    try:
+        with warnings.catch_warnings(), collective(what):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(directory),
+                                  async_stager=stager,
+                                  process_group=distributed.checkpoint_group(),
+                                  no_dist=not distributed.world().distributed)
+    except CheckpointException as e:
+        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}") from e
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, distributed.RankLostError):
+            raise
+        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
+
+
+def _dcp_result(write: Future[Any], directory: str, what: str) -> None:
+    """The outcome of a background DCP save, as a StoreError if it failed."""
+    try:
+        write.result()
+    except CheckpointException as e:
+        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}") from e
+    except (OSError, RuntimeError, ValueError) as e:
+        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
+
+
+class _ReusedBufferStager(BlockingAsyncStager):
+    """Copies a train state into CPU buffers that are kept from one save to the next.
+
+    DCP's default stager allocates fresh buffers each save (page faults on every byte) and its
+    caching variant pins memory, which needs an accelerator. One save is in flight at a time
+    (:meth:`TrainingClient.save_state` waits for the previous one), so reuse is safe.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: dict[str, Any] | None = None
+        self._layout: Any = None
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        layout = _layout_of(state_dict)
+        if self._buffers is None or layout != self._layout:
+            self._buffers = _create_cpu_state_dict(state_dict)
+            self._layout = layout
+        return _copy_state_dict(state_dict, self._buffers)
+
+
+def _layout_of(tree: Any) -> Any:
+    """The keys, shapes and dtypes of a (nested) state dict: when the buffers still fit."""
+    if isinstance(tree, dict):
+        return tuple((k, _layout_of(v)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return tuple(_layout_of(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return (tuple(tree.shape), tree.dtype, type(tree).__name__)
+    return type(tree).__name__
 
 
 def _first_line(error: BaseException) -> str:

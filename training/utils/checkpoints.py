@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,7 @@ class TrainingCheckpoints:
     def __init__(self, training_client: TrainingClient, log_path: str | os.PathLike[str]) -> None:
         self.client = training_client
         self.log = CheckpointLog(log_path)
+        self._in_flight: list[tuple[Future[Any], dict[str, Any], CheckpointKind]] = []
 
     def save(self, name: str, *, step: int, data_consumed: int,
              kind: CheckpointKind | str = CheckpointKind.STATE,
@@ -254,9 +256,15 @@ class TrainingCheckpoints:
 
         ``promotable=True`` upgrades a STATE save to BOTH (the hosted cookbook's spelling).
         ``user_state`` is extra recipe state stored with the train state; step, data position
-        and the RNG states are always stored. ``existing_state_path`` records an already saved
-        train state of this very step instead of saving it again (re-saving a name first
-        deletes it, which must never happen to the state a resume depends on).
+        and the RNG states are always stored (each rank's own under torchrun). ``existing_state_path``
+        records an already saved train state of this very step instead of saving it again
+        (re-saving a name first deletes it, which must never happen to the state a resume
+        depends on).
+
+        A STATE save on a client with ``async_saves`` returns as soon as the state is copied
+        aside; its row is appended when the write has committed (see :meth:`poll`), so
+        ``checkpoints.jsonl`` never names a checkpoint that is not complete. The returned row
+        gets its ``state_path`` then. Rows are written by rank 0 alone.
 
         Raises:
             CheckpointSaveError: the store refused the save (disk full, read-only, ...). No row
@@ -265,32 +273,75 @@ class TrainingCheckpoints:
         kind = CheckpointKind(kind)
         if promotable and not kind.has_sampler:
             kind = CheckpointKind.BOTH
+        # The client runs one save at a time anyway: finish (and record) the previous first,
+        # so rows stay in step order.
+        self.wait()
         row: dict[str, Any] = {"name": name, "step": step, "data_consumed": data_consumed}
         try:
             if kind.has_state and existing_state_path is not None:
                 row["state_path"] = existing_state_path
             elif kind.has_state:
-                saved = self.client.save_state(name, user_state={
+                future = self.client.save_state(name, user_state={
                     "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
-                    "recipe": user_state or {}}).result()
-                row["state_path"] = saved.path
+                    "recipe": user_state or {}})
+                if not kind.has_sampler and not future.done():
+                    self._in_flight.append((future, row, kind))
+                    return row
+                row["state_path"] = future.result().path
             if kind.has_sampler:
                 row["sampler_path"] = self.client.save_weights_for_sampler_ext(
                     name, checkpoint_type="base").snapshot_name
-            row["source_job_id"] = self.client.job_id
-            row["base_model"] = self.client.base_model
-            self.log.append(row)
+            self._append(row)
         except (OSError, StoreError) as e:
-            last = self.log.last_resumable()
-            resume = (f"rerun to resume from {last['name']} (step {last['step']})" if last
-                      else "rerun to start again (no resumable checkpoint yet)")
-            raise CheckpointSaveError(
-                f"saving checkpoint {name!r} (step {step}, {kind.value}) of job "
-                f"{self.client.job_id} failed: {e}. It was not recorded in {self.log.path}; "
-                f"earlier checkpoints are intact. Free disk space or make the store "
-                f"({self.client.store.root_url}) writable, then {resume}.") from e
+            raise self._save_error(row, kind, e) from e
         logger.info("saved checkpoint %s (%s) at step %d", name, kind.value, step)
         return row
+
+    def poll(self) -> int:
+        """Append the rows of background saves that have committed, in save order; returns
+        how many.
+
+        Raises:
+            CheckpointSaveError: a background save failed (nothing of it is recorded).
+        """
+        appended = 0
+        while self._in_flight and self._in_flight[0][0].done():
+            future, row, kind = self._in_flight.pop(0)
+            try:
+                row["state_path"] = future.result().path
+                self._append(row)
+            except (OSError, StoreError) as e:
+                raise self._save_error(row, kind, e) from e
+            logger.info("saved checkpoint %s (%s) at step %d", row["name"], kind.value,
+                        row["step"])
+            appended += 1
+        return appended
+
+    def wait(self) -> int:
+        """Wait for background saves and append their rows (see :meth:`poll`)."""
+        for future, _row, _kind in list(self._in_flight):
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 (poll raises it with the full explanation)
+                break
+        return self.poll()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        row["source_job_id"] = self.client.job_id
+        row["base_model"] = self.client.base_model
+        if self.client.world.is_main:
+            self.log.append(row)
+
+    def _save_error(self, row: dict[str, Any], kind: CheckpointKind,
+                    error: BaseException) -> CheckpointSaveError:
+        last = self.log.last_resumable()
+        resume = (f"rerun to resume from {last['name']} (step {last['step']})" if last
+                  else "rerun to start again (no resumable checkpoint yet)")
+        return CheckpointSaveError(
+            f"saving checkpoint {row['name']!r} (step {row['step']}, {kind.value}) of job "
+            f"{self.client.job_id} failed: {error}. It was not recorded in {self.log.path}; "
+            f"earlier checkpoints are intact. Free disk space or make the store "
+            f"({self.client.store.root_url}) writable, then {resume}.")
 
     save_checkpoint = save
 
@@ -332,7 +383,7 @@ class TrainingCheckpoints:
         ``state_path`` (marked ``"state_deleted": "keep_last_n"``); the log is rewritten before
         the files go, so it never names a deleted checkpoint. Returns the deleted names.
         """
-        if keep_last_n is None:
+        if keep_last_n is None or not self.client.world.is_main:
             return []
         rows = self.log.rows()
         job_id = self.client.job_id

@@ -37,6 +37,11 @@ class InfraConfig:
     different count changes float summation order."""
     account: str | None = None
     """Account segment of checkpoint and model names (default ``local``)."""
+    async_checkpoint: bool = True
+    """Write periodic STATE checkpoints in the background: a step waits only while the state is
+    copied aside, not for the disk. A checkpoint's row reaches checkpoints.jsonl once its files
+    are committed, so a crash mid-write resumes from the previous one. The final save is always
+    waited for."""
     training_shape_id: str | None = None
     """Accepted so hosted configs port unchanged; ignored by the local trainer."""
 

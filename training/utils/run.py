@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training.faults import fault_point
-from training.sdk import AdamParams, JobNotFoundError, ServiceClient
+from training.sdk import AdamParams, JobNotFoundError, ServiceClient, distributed
 from training.sdk.store import CheckpointStore, parse_checkpoint_ref
-from training.sdk.training_client import TrainingClient
+from training.sdk.training_client import TrainingClient, resolve_device
 from training.utils.checkpoints import (
     CheckpointKind,
     CheckpointLog,
@@ -131,37 +134,92 @@ class ResumableRun:
         validate_common(config)
         self.config = config
         self.recipe = recipe
+        self._identity = identity
         self.total_steps = total_steps
         self.log_path = Path(config.log_path)
         self.store = CheckpointStore(config.infra.storage_root)
         self.checkpoint_log = CheckpointLog(self.log_path)
-        if config.init_from_checkpoint:
-            self._check_init_checkpoint(config.init_from_checkpoint)
-        self._lock = RunLock(self.log_path)
-        try:
-            self.resume_row = self.checkpoint_log.last_resumable()
-            if self.resume_row is not None and config.init_from_checkpoint:
-                raise ConfigError(
-                    f"init_from_checkpoint={config.init_from_checkpoint!r} but "
-                    f"{self.checkpoint_log.path} already has resumable checkpoints (last: "
-                    f"{self.resume_row['name']}). init_from_checkpoint starts a new run: use a "
-                    f"new log_path, or drop init_from_checkpoint to resume this one.")
-            # Read before check_run_identity rewrites run.json for a fresh start.
-            self._earlier_job_id = read_run_identity(self.log_path).get("job_id")
-            check_run_identity(self.log_path, {
-                "recipe": recipe, "base_model": config.base_model, "seed": config.seed,
-                "batch_size": config.batch_size, "storage_root": self.store.root_url,
-                "lora_rank": config.lora_rank, **identity,
-            }, resuming=self.resume_row is not None)
-        except BaseException:
-            self._lock.release()
-            raise
+        # Under torchrun every rank runs this; rank 0 alone locks and writes log_path, and the
+        # others take its resume point (or raise its error).
+        self.world = distributed.init_from_env(resolve_device(config.infra.device))
+        self._lock: RunLock | None = None
+        self._previous_sigterm: Any = None
+        self.resume_row, self._earlier_job_id, self._complete_row = distributed.on_main(
+            self._claim_log_path)
         self.service: ServiceClient | None = None
         self.client: TrainingClient | None = None
         self.checkpoints: TrainingCheckpoints | None = None
         self.final_row: dict[str, Any] | None = None
         self._metrics: MetricsLogger | None = None
         self._progress: Progress | None = None
+
+    def _claim_log_path(self) -> tuple[dict[str, Any] | None, str | None,
+                                       dict[str, Any] | None]:
+        """Lock log_path, find the resume point (and the final row of a complete run) and
+        check the run identity (rank 0: other ranks never read log_path)."""
+        config = self.config
+        if config.init_from_checkpoint:
+            self._check_init_checkpoint(config.init_from_checkpoint)
+        self._lock = RunLock(self.log_path)
+        try:
+            resume_row = self.checkpoint_log.last_resumable()
+            if resume_row is not None and config.init_from_checkpoint:
+                raise ConfigError(
+                    f"init_from_checkpoint={config.init_from_checkpoint!r} but "
+                    f"{self.checkpoint_log.path} already has resumable checkpoints (last: "
+                    f"{resume_row['name']}). init_from_checkpoint starts a new run: use a "
+                    f"new log_path, or drop init_from_checkpoint to resume this one.")
+            # Read before check_run_identity rewrites run.json for a fresh start.
+            earlier_job_id = read_run_identity(self.log_path).get("job_id")
+            check_run_identity(self.log_path, {
+                "recipe": self.recipe, "base_model": config.base_model, "seed": config.seed,
+                "batch_size": config.batch_size, "storage_root": self.store.root_url,
+                "lora_rank": config.lora_rank, **self._identity,
+            }, resuming=resume_row is not None)
+        except BaseException:
+            self._let_go()
+            raise
+        complete_row = None
+        if resume_row is not None and resume_row["step"] >= self.total_steps:
+            complete_row = self.checkpoint_log.latest_promotable(resume_row["step"])
+        return resume_row, earlier_job_id, complete_row
+
+    def _explain_sigterm(self) -> None:
+        """On SIGTERM (torchrun stopping the other ranks after one failed, a scheduler's
+        preemption, ``kill``), say where a rerun resumes, then stop at once.
+
+        Stopping mid-save or mid-append is as safe as a SIGKILL: nothing incomplete is ever
+        recorded. Only installed from the main thread (a Python rule for signal handlers).
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            try:
+                last = self.checkpoint_log.last_resumable()
+                where = (f"from {last['name']} (step {last['step']})" if last
+                         else "from the start (no checkpoint was recorded yet)")
+                who = f"rank {self.world.rank}" if self.world.distributed else "this run"
+                print(f"\n{self.recipe}: {who} was stopped by SIGTERM"
+                      f"{' (torchrun stops every rank when one fails)' if self.world.distributed else ''}. "
+                      f"Rerun the same command to resume {where}.", file=sys.stderr, flush=True)
+            finally:
+                os._exit(128 + signum)
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, stop)
+
+    def _say(self, message: str) -> None:
+        """Print a run message once (rank 0), not once per rank."""
+        if self.world.is_main:
+            print(message, flush=True)
+
+    def _let_go(self) -> None:
+        """Release the log_path lock and the SIGTERM handler (every way a run ends)."""
+        if self._lock is not None:
+            self._lock.release()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def _check_init_checkpoint(self, ref: str) -> None:
         """Fail before any file is written or model loaded if init_from_checkpoint names a
@@ -178,22 +236,20 @@ class ResumableRun:
     @property
     def complete_row(self) -> dict[str, Any] | None:
         """The final checkpoint row if this run already reached ``total_steps``."""
-        if self.resume_row is None or self.resume_row["step"] < self.total_steps:
-            return None
-        return self.checkpoint_log.latest_promotable(self.resume_row["step"])
+        return self._complete_row
 
     def finish_complete(self) -> RunResult:
         """Report a finished run (promoting it if that was interrupted) and change nothing."""
         row = self.complete_row
         assert row is not None, "finish_complete() needs complete_row"
-        print(f"Run in {self.log_path} is already complete ({row['step']} steps; final "
-              f"checkpoint {row['name']}). Nothing to do.", flush=True)
+        self._say(f"Run in {self.log_path} is already complete ({row['step']} steps; final "
+                  f"checkpoint {row['name']}). Nothing to do.")
         try:
-            promoted = self._promote()
+            promoted = distributed.on_main(self._promote)
         finally:
-            self._lock.release()
+            self._let_go()
         if promoted:
-            print(f"Promoted model: {promoted['name']} at {promoted['path']}", flush=True)
+            self._say(f"Promoted model: {promoted['name']} at {promoted['path']}")
         return RunResult(str(self.log_path), row["step"], row, promoted, already_complete=True)
 
     # ---------------------------------------------------------------- start
@@ -209,22 +265,25 @@ class ResumableRun:
                                else lora_rank)
         except BaseException:
             self.close()
-            self._lock.release()
+            self._let_go()
             raise
 
     def _start(self, summary: str, lora_rank: int) -> tuple[TrainingClient, ResumeInfo]:
         config = self.config
+        self._explain_sigterm()
         apply_infra(config.infra, config.seed)
         self.service = ServiceClient(config.infra.storage_root, device=config.infra.device,
                                      mixed_precision=config.infra.mixed_precision,
-                                     account=config.infra.account)
+                                     account=config.infra.account,
+                                     async_saves=config.infra.async_checkpoint)
         self.client = self.service.create_training_client(
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules)
-        record_run_fields(self.log_path, job_id=self.client.job_id,
-                          total_steps=self.total_steps)
-        self._remove_incomplete_checkpoints()
+        distributed.on_main(lambda: (
+            record_run_fields(self.log_path, job_id=self.client.job_id,
+                              total_steps=self.total_steps),
+            self._remove_incomplete_checkpoints()))
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
             start = self.checkpoints.resume(self.resume_row)
@@ -236,12 +295,15 @@ class ResumableRun:
         else:
             start = ResumeInfo(step=0, data_consumed=0)
             where = "starting fresh"
-        print(f"{self.recipe}: {config.base_model} ({self.client.num_parameters() / 1e6:.2f}M "
-              f"params, job {self.client.job_id}); {summary + '; ' if summary else ''}"
-              f"{self.total_steps} steps of batch {config.batch_size}; {where}", flush=True)
-        self._metrics = MetricsLogger(self.log_path, start_step=start.step,
-                                      sinks=self._metric_sinks(start.step))
-        self._progress = Progress(self.total_steps, start.step, desc=self.recipe)
+        ranks = (f" on {self.world.world_size} ranks" if self.world.distributed else "")
+        self._say(f"{self.recipe}: {config.base_model} ({self.client.num_parameters() / 1e6:.2f}M "
+                  f"params, job {self.client.job_id}{ranks}); "
+                  f"{summary + '; ' if summary else ''}{self.total_steps} steps of batch "
+                  f"{config.batch_size}; {where}")
+        if self.world.is_main:  # one metrics file and one progress display per run
+            self._metrics = MetricsLogger(self.log_path, start_step=start.step,
+                                          sinks=self._metric_sinks(start.step))
+            self._progress = Progress(self.total_steps, start.step, desc=self.recipe)
         return self.client, start
 
     def _metric_sinks(self, start_step: int) -> list[Any]:
@@ -303,12 +365,16 @@ class ResumableRun:
         ``show`` picks the metrics shown in the progress bar (tokens/s is always shown when
         present). ``user_state`` is extra recipe state to store with a STATE/BOTH save.
         """
-        assert self.checkpoints is not None and self._metrics is not None, "call start() first"
-        self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(), **metrics})
-        postfix = {k: f"{metrics[k]:.4g}" for k in show if k in metrics}
-        if "tokens_per_s" in metrics:
-            postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
-        self._progress.update(step, postfix)
+        assert self.checkpoints is not None, "call start() first"
+        if self._metrics is not None and self._progress is not None:  # rank 0
+            self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(),
+                                     **metrics})
+            postfix = {k: f"{metrics[k]:.4g}" for k in show if k in metrics}
+            if "tokens_per_s" in metrics:
+                postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+            self._progress.update(step, postfix)
+        if self.checkpoints.poll():  # background saves that committed since: record them
+            self._apply_retention()
         fault_point("step")  # test hook: the step is done, its checkpoint not yet saved
         if step >= self.total_steps:
             self.final_row = self.checkpoints.save(f"step-{step}", step=step,
@@ -318,7 +384,11 @@ class ResumableRun:
         elif self.config.dcp_save_interval and step % self.config.dcp_save_interval == 0:
             self.checkpoints.save(f"step-{step}", step=step, data_consumed=data_consumed,
                                   kind=CheckpointKind.STATE, user_state=user_state)
-            self.checkpoints.apply_retention(getattr(self.config, "keep_last_n", None))
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        assert self.checkpoints is not None
+        self.checkpoints.apply_retention(getattr(self.config, "keep_last_n", None))
 
     # ---------------------------------------------------------------- end
     def finish(self, step: int, data_consumed: int) -> RunResult:
@@ -336,13 +406,15 @@ class ResumableRun:
                     f"step-{step}", step=step, data_consumed=data_consumed,
                     kind=CheckpointKind.BOTH,
                     existing_state_path=self.resume_row["state_path"] if same_step else None)
-            promoted = self._promote()
+            self.checkpoints.wait()
+            self._apply_retention()
+            promoted = distributed.on_main(self._promote)
         finally:
-            self._lock.release()
-        print(f"Done. Checkpoints: {self.checkpoint_log.path} (final: {self.final_row['name']}, "
-              f"sampler {self.final_row['sampler_path']})", flush=True)
+            self._let_go()
+        self._say(f"Done. Checkpoints: {self.checkpoint_log.path} (final: "
+                  f"{self.final_row['name']}, sampler {self.final_row['sampler_path']})")
         if promoted:
-            print(f"Promoted model: {promoted['name']} at {promoted['path']}", flush=True)
+            self._say(f"Promoted model: {promoted['name']} at {promoted['path']}")
         return RunResult(str(self.log_path), step, self.final_row, promoted)
 
     def close(self) -> None:
