@@ -4,7 +4,10 @@ Each contender runs in its own child process (fresh memory, same thread count), 
 rounds, on the same model, data, max length and batch of 8 sequences with assistant-only loss:
 
 - ``ours``: ``training.recipes.sft_loop.main`` with resumable checkpoints on
-  (``dcp_save_interval=10``), per-document boundaries kept (packing with position resets);
+  (``dcp_save_interval=10``, async saves: the default), per-document boundaries kept (packing
+  with position resets and block-diagonal masks);
+- ``ours-compiled``: the same with ``infra.compile=true`` (torch.compile; the one-off compile
+  falls in the untimed warm-up steps);
 - ``trl-default``: TRL ``SFTTrainer`` with its defaults (gradient checkpointing on);
 - ``trl-best``: TRL with gradient checkpointing off (its best CPU setting here);
 - ``ceiling``: a minimal loop on pre-tokenized, packed 8 x max_len rows, bf16 autocast, fused
@@ -13,7 +16,12 @@ rounds, on the same model, data, max length and batch of 8 sequences with assist
 Prints real (non-pad) tokens/s, s/step and peak RSS per contender, and the ratios. TRL is a
 benchmark-only dependency (``pip install trl``).
 
-    .venv/bin/python benchmarks/sft_throughput.py --steps 30 --rounds 2
+``--data-shape`` picks the conversations (built from the bundled chats, merged to a target
+length): ``mixed`` (default) spreads lengths uniformly over 10-100% of max_len, as in real chat
+data where short and long conversations share a batch; ``long`` keeps every conversation at
+60-100% of max_len (little padding for anyone: the hardest case for packing).
+
+    .venv/bin/python benchmarks/sft_throughput.py --steps 20 --warmup 4 --rounds 2
 """
 
 from __future__ import annotations
@@ -29,16 +37,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONTENDERS = ("ours", "trl-default", "trl-best", "ceiling")
+CONTENDERS = ("ours", "ours-compiled", "trl-default", "trl-best", "ceiling")
+DATA_SHAPES = {"mixed": (0.1, 1.0), "long": (0.6, 1.0)}
+"""Conversation lengths as a uniform range of fractions of max_len."""
 
 
 # ---------------------------------------------------------------------------- data
-def make_data(path: Path, tokenizer, max_len: int, rows: int = 400) -> None:
-    """Longer multi-turn chats (~60-100% of max_len) built from the bundled sample chats.
+def make_data(path: Path, tokenizer, max_len: int, rows: int = 400,
+              shape: str = "mixed") -> None:
+    """Multi-turn chats of lengths spread over ``DATA_SHAPES[shape]`` of max_len, built from the
+    bundled sample chats.
 
-    The bundled chats are short (~44 tokens); benchmarks on them would measure per-step
-    overhead, not training throughput, so consecutive conversations are merged.
+    The bundled chats are short (~44 tokens); benchmarks on them alone would measure per-step
+    overhead, not training throughput, so consecutive conversations are merged up to a target
+    length drawn (deterministically) from the shape's range.
     """
+    low, high = DATA_SHAPES[shape]
     from training.sdk.tiny_model import SAMPLE_CHATS_PATH
     from training.utils.data import render_chat
 
@@ -48,7 +62,7 @@ def make_data(path: Path, tokenizer, max_len: int, rows: int = 400) -> None:
     out, i = [], 0
     while len(out) < rows:
         messages: list[dict] = []
-        target = max_len * (0.6 + 0.4 * ((len(out) * 7919) % 100) / 100)
+        target = max_len * (low + (high - low) * ((len(out) * 7919) % 100) / 100)
         while True:
             candidate = messages + source[i % len(source)]
             i += 1
@@ -65,7 +79,7 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------------- contenders
-def run_ours(args: argparse.Namespace) -> dict:
+def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
     from training.recipes.sft_loop import Config, main
     from training.utils import InfraConfig
     from training.utils.metrics import read_metrics
@@ -75,7 +89,8 @@ def run_ours(args: argparse.Namespace) -> dict:
                     batch_size=args.batch_size, max_seq_len=args.max_len,
                     long_row_policy="truncate", epochs=100, max_steps=args.warmup + args.steps,
                     learning_rate=1e-4, dcp_save_interval=10,
-                    infra=InfraConfig(storage_root=f"{tmp}/store", num_threads=args.threads)))
+                    infra=InfraConfig(storage_root=f"{tmp}/store", num_threads=args.threads,
+                                      compile=compile)))
         rows = read_metrics(f"{tmp}/run")
     timed = rows[args.warmup:]
     seconds = timed[-1]["time"] - rows[args.warmup - 1]["time"]
@@ -163,7 +178,8 @@ def run_ceiling(args: argparse.Namespace) -> dict:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    runners = {"ours": run_ours, "trl-default": lambda a: run_trl(a, None),
+    runners = {"ours": run_ours, "ours-compiled": lambda a: run_ours(a, compile=True),
+               "trl-default": lambda a: run_trl(a, None),
                "trl-best": lambda a: run_trl(a, False), "ceiling": run_ceiling}
     result = runners[args.contender](args)
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -181,6 +197,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--data-shape", choices=sorted(DATA_SHAPES), default="mixed")
     parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -195,13 +212,15 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="homefire-bench-"))
     data = tmp / "chats.jsonl"
-    make_data(data, AutoTokenizer.from_pretrained(ensure_tiny_model(args.model)), args.max_len)
+    make_data(data, AutoTokenizer.from_pretrained(ensure_tiny_model(args.model)), args.max_len,
+              shape=args.data_shape)
     results: dict[str, list[dict]] = {name: [] for name in args.only}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
     for round_index in range(args.rounds):
         for name in args.only:
             out = tmp / f"{name}-{round_index}.json"
             cmd = [sys.executable, __file__, "--contender", name, "--data", str(data),
+                   "--data-shape", args.data_shape,
                    "--out", str(out), "--model", args.model, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                    "--max-len", str(args.max_len), "--threads", str(args.threads)]
@@ -215,18 +234,22 @@ def main() -> None:
         return max(r[key] for r in results[name])
 
     print(f"\nSFT throughput: {args.model}, batch {args.batch_size} x max {args.max_len} tokens, "
-          f"{args.threads} threads, {args.steps} timed steps, best of {args.rounds} round(s)")
-    print(f"{'contender':<12} {'real tok/s':>10} {'s/step':>8} {'peak MB':>8}")
+          f"{args.threads} threads, {args.steps} timed steps, best of {args.rounds} round(s), "
+          f"data shape {args.data_shape} ({DATA_SHAPES[args.data_shape][0]:.0%}-"
+          f"{DATA_SHAPES[args.data_shape][1]:.0%} of max_len)")
+    print(f"{'contender':<14} {'real tok/s':>10} {'s/step':>8} {'peak MB':>8}")
     for name in args.only:
         fastest = max(results[name], key=lambda r: r["tokens_per_s"])
-        print(f"{name:<12} {fastest['tokens_per_s']:>10.0f} {fastest['s_per_step']:>8.3f} "
+        print(f"{name:<14} {fastest['tokens_per_s']:>10.0f} {fastest['s_per_step']:>8.3f} "
               f"{fastest['peak_rss_mb']:>8.0f}")
-    if "ours" in results:
+    for ours in ("ours", "ours-compiled"):
+        if ours not in results:
+            continue
         print()
         for name in args.only:
-            if name != "ours":
-                ratio = best("ours", "tokens_per_s") / best(name, "tokens_per_s")
-                print(f"ours / {name:<12} {ratio:5.2f}x")
+            if not name.startswith("ours"):
+                ratio = best(ours, "tokens_per_s") / best(name, "tokens_per_s")
+                print(f"{ours} / {name:<12} {ratio:5.2f}x")
 
 
 if __name__ == "__main__":

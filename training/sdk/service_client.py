@@ -43,6 +43,9 @@ class ServiceClient:
             use, for the policy's base model).
         async_saves: training clients write train states in the background
             (:meth:`TrainingClient.save_state`); training only waits for the state to be copied.
+        compile: run the policy's forward/backward through ``torch.compile`` (dynamic shapes):
+            ~20-25% faster steps on CPU once compiled, after a one-off compile of a minute or
+            more. Not combined with torchrun (FSDP2) yet: ignored there, with a warning.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the service joins the process group and its
     training clients train data-parallel with FSDP2 (see :mod:`training.sdk.distributed`).
@@ -51,11 +54,17 @@ class ServiceClient:
     def __init__(self, storage_root: str | None = None, *, device: str = "auto",
                  mixed_precision: str = "auto", account: str | None = None,
                  sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
-                 deployment_id: str | None = None, async_saves: bool = False) -> None:
+                 deployment_id: str | None = None, async_saves: bool = False,
+                 compile: bool = False) -> None:
         self.store = CheckpointStore(storage_root)
         self.world = distributed.init_from_env(resolve_device(device))
         self.device = distributed.rank_device(resolve_device(device))
         self.async_saves = async_saves
+        self.compile = compile
+        if compile and self.world.distributed:
+            logger.warning("compile=True is ignored under torchrun (not combined with FSDP2 "
+                           "yet): training runs eagerly")
+            self.compile = False
         self.autocast_dtype = resolve_autocast_dtype(mixed_precision, self.device)
         self.account = account
         self.sampler_dtype = sampler_dtype
@@ -131,6 +140,7 @@ class ServiceClient:
         client = TrainingClient(store=self.store, job=job, model=model, tokenizer=tokenizer,
                                 device=self.device, autocast_dtype=self.autocast_dtype,
                                 frozen=frozen, async_saves=self.async_saves and not frozen,
+                                compile=self.compile and not frozen,
                                 sampler_dtype=_resolve_sampler_dtype(self.sampler_dtype,
                                                                      base_model, self.store))
         logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",

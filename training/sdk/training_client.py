@@ -129,7 +129,8 @@ class TrainingClient:
                  tokenizer: Any, device: torch.device,
                  autocast_dtype: torch.dtype | None, frozen: bool = False,
                  adapter_disabled: bool = False,
-                 sampler_dtype: torch.dtype | None = None, async_saves: bool = False) -> None:
+                 sampler_dtype: torch.dtype | None = None, async_saves: bool = False,
+                 compile: bool = False) -> None:
         self.store = store
         self.job = job
         self.model = model
@@ -147,6 +148,9 @@ class TrainingClient:
         self._pending_backward = False
         self.async_saves = async_saves
         """``save_state`` writes in the background (see :meth:`save_state`)."""
+        # The compiled module shares the model's parameters: state dicts, checkpoints and
+        # snapshots keep using self.model.
+        self._forward_module = (torch.compile(model, dynamic=True) if compile else model)
         self._pending_saves: list[Future[SaveStateResponse]] = []
         self._stager = _ReusedBufferStager()
         self.frozen = frozen
@@ -264,10 +268,10 @@ class TrainingClient:
         with adapter_off, collective("running the forward pass"), torch.autocast(
                 self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                 enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=batch.input_ids.to(self.device),
-                                position_ids=batch.position_ids.to(self.device),
-                                attention_mask=batch.attention_mask.to(self.device),
-                                use_cache=False).logits
+            logits = self._forward_module(input_ids=batch.input_ids.to(self.device),
+                                          position_ids=batch.position_ids.to(self.device),
+                                          attention_mask=batch.attention_mask.to(self.device),
+                                          use_cache=False).logits
         vocab = logits.shape[-1]
         target_ids = batch.target_ids.to(self.device)
         token_logprobs = -F.cross_entropy(logits.float().reshape(-1, vocab),

@@ -42,6 +42,10 @@ class InfraConfig:
     copied aside, not for the disk. A checkpoint's row reaches checkpoints.jsonl once its files
     are committed, so a crash mid-write resumes from the previous one. The final save is always
     waited for."""
+    compile: bool = False
+    """Run the policy through ``torch.compile`` (dynamic shapes): faster steps (~20-25% on CPU
+    here) after a one-off compile of a minute or more per process, so worth it for long runs
+    only. Ignored under torchrun."""
     training_shape_id: str | None = None
     """Accepted so hosted configs port unchanged; ignored by the local trainer."""
 

@@ -275,7 +275,8 @@ class ResumableRun:
         self.service = ServiceClient(config.infra.storage_root, device=config.infra.device,
                                      mixed_precision=config.infra.mixed_precision,
                                      account=config.infra.account,
-                                     async_saves=config.infra.async_checkpoint)
+                                     async_saves=config.infra.async_checkpoint,
+                                     compile=config.infra.compile)
         self.client = self.service.create_training_client(
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
