@@ -42,7 +42,9 @@ def _launch(base: Path, log_name: str, ranks: int, recipe: str = "sft_loop",
             f"dataset={base / 'chats.jsonl'}", "batch_size=4", f"max_steps={STEPS}",
             "dcp_save_interval=2", "learning_rate=1e-3", "seed=3",
             f"infra.storage_root={base / 'store'}", "infra.num_threads=1",
-            "infra.mixed_precision=no", *extra]
+            "infra.mixed_precision=no"]
+    overridden = {arg.split("=", 1)[0] for arg in extra}
+    args = [arg for arg in args if arg.split("=", 1)[0] not in overridden] + list(extra)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable])
     full_env = {k: v for k, v in os.environ.items()
@@ -182,3 +184,16 @@ def test_rl_on_two_ranks_starts_like_one_process(runs):
     assert two["reward_mean"] == one["reward_mean"]
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
     assert [r["step"] for r in _rows(runs / "rl-two")] == [2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl)")
+def test_two_gpu_ranks_with_nccl_train_like_one(runs):
+    """The nccl path: FSDP2 with bf16 parameter gathering, one GPU per rank."""
+    extra = ("infra.device=cuda", "infra.mixed_precision=bf16")
+    _ok(_launch(runs, "gpu-one", ranks=1, extra=extra))
+    _ok(_launch(runs, "gpu-two", ranks=2, extra=extra))
+    one, two = read_metrics(runs / "gpu-one"), read_metrics(runs / "gpu-two")
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from training.sdk import distributed
 from training.sdk.service_client import ServiceClient
 from training.sdk.store import CheckpointStore, StoreError
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
@@ -96,23 +97,28 @@ def load_or_compute_reference_logprobs(
     if any(example.index != i for i, example in enumerate(examples)):
         raise ValueError("examples must be the whole dataset in order (examples[i].index == i)")
     path = store.cache_path(REFERENCE_CACHE_NAMESPACE, f"{reference_cache_key(identity)}.pt")
-    data = store.read_bytes(path)
+    # Under torchrun rank 0 decides (a rank that saw rank 0's fresh file would skip the forward
+    # passes the others wait for) and alone writes the file.
+    main = distributed.world().is_main
+    data = distributed.on_main(lambda: store.read_bytes(path))
     if data is not None:
         chosen, rejected = _decode(data, store.url(path), identity, len(examples))
-        print(f"reference log-probs of {len(examples)} pairs: loaded from {store.url(path)}",
-              flush=True)
+        if main:
+            print(f"reference log-probs of {len(examples)} pairs: loaded from "
+                  f"{store.url(path)}", flush=True)
         return ReferenceLogprobs(chosen=chosen, rejected=rejected, path=store.url(path),
                                  computed=False)
 
     t0 = time.perf_counter()
-    print(f"reference log-probs of {len(examples)} pairs: computing (once; cached at "
-          f"{store.url(path)})", flush=True)
+    if main:
+        print(f"reference log-probs of {len(examples)} pairs: computing (once; cached at "
+              f"{store.url(path)})", flush=True)
     chosen, rejected = compute_reference_logprobs(make_reference_client(), examples, batch_size)
     buffer = io.BytesIO()
     torch.save({"identity": json.dumps(identity, sort_keys=True),
                 "format_version": _FORMAT_VERSION, "chosen": chosen, "rejected": rejected},
                buffer)
-    store.write_bytes_atomic(path, buffer.getvalue())
+    distributed.on_main(lambda: store.write_bytes_atomic(path, buffer.getvalue()))
     logger.info("computed reference log-probs of %d pairs in %.1f s", len(examples),
                 time.perf_counter() - t0)
     return ReferenceLogprobs(chosen=chosen, rejected=rejected, path=store.url(path),
