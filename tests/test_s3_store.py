@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (dev
 pytest.importorskip("s3fs", reason="needs s3fs (dev extra)")
 
 BUCKET = "homefire-test"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,32 @@ def test_sft_resume_and_promotion_on_s3(tmp_path, s3_endpoint, tiny_model_dir):
     model = load_causal_lm(promoted["name"], store)
     for name, tensor in got.items():
         assert torch.equal(model.state_dict()[name].to(tensor.dtype), tensor), name
+
+
+def test_two_ranks_save_sharded_states_to_s3_and_resume_on_one(tmp_path, s3_endpoint,
+                                                                tiny_model_dir):
+    """Each rank stages and uploads its own shards; rank 0 commits after all uploads. A run
+    killed after step 3 on 2 ranks resumes on 1 process from the step-2 state in S3."""
+    root = f"s3://{BUCKET}/{tmp_path.name}"
+    _config(tmp_path, root, "unused")  # writes chats.jsonl
+    args = [f"log_path={tmp_path / 'run'}", f"base_model={TEST_MODEL}",
+            f"dataset={tmp_path / 'chats.jsonl'}", "batch_size=4", "max_steps=4",
+            "dcp_save_interval=2", "learning_rate=1e-3", f"infra.storage_root={root}",
+            "infra.num_threads=1", "infra.mixed_precision=no"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOMEFIRE_FAULT")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "recipes.sft_loop"]
+    killed = subprocess.run([*torchrun, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**env, "HOMEFIRE_FAULT_POINT": "step:3"}, timeout=300)
+    assert killed.returncode != 0
+    row = _rows(str(tmp_path / "run"))[-1]
+    assert row["step"] == 2
+    store = CheckpointStore(root)
+    state_dir = store.state_dir(row["source_job_id"], row["name"])
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(state_dir)) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+    rerun = subprocess.run([sys.executable, "-m", "recipes.sft_loop", *args], cwd=REPO,
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from step-2" in rerun.stdout
+    assert _rows(str(tmp_path / "run"))[-1]["step"] == 4
