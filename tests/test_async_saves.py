@@ -74,8 +74,9 @@ def test_failed_async_save_is_reported_and_never_recorded(store_root, tiny_model
     client = _client(store_root)
     _train_step(client)
     checkpoints = TrainingCheckpoints(client, tmp_path / "run")
-    checkpoints.save("step-1", step=1, data_consumed=4)
     with pytest.raises(CheckpointSaveError) as excinfo:
+        # The error surfaces at save() if the write already failed, else at wait().
+        checkpoints.save("step-1", step=1, data_consumed=4)
         checkpoints.wait()
     assert "saving checkpoint 'step-1'" in str(excinfo.value)
     assert "No space left on device" in str(excinfo.value)

@@ -153,6 +153,8 @@ class TrainingClient:
         self._forward_module = (torch.compile(model, dynamic=True) if compile else model)
         self._pending_saves: list[Future[SaveStateResponse]] = []
         self._stager = _ReusedBufferStager()
+        self._state_dicts: dict[str, Any] = {}
+        self._state_dicts_key: tuple[int, int] | None = None
         self.frozen = frozen
         """A reference client: forward passes only (no gradients, no optimizer, no saves)."""
         self.sampler_dtype = sampler_dtype or next(model.parameters()).dtype
@@ -461,12 +463,10 @@ class TrainingClient:
         validate_name(name)
         self.wait_for_saves()
         state: dict[str, Any] = {
-            "model": _train_state_dict(self.model, lora=self.job.lora_rank > 0),
+            **self._live_state_dicts(),
             "trainer": {"step": self._step},
             _user_state_key(self.world.rank): pickle.dumps(user_state or {}),
         }
-        if self._optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, self._optimizer)
         entry_dir = self.store.state_dir(self.job_id, name)
         now = time.time()
         meta = EntryMeta(kind="state", name=name, job_id=self.job_id, base_model=self.base_model,
@@ -509,6 +509,29 @@ class TrainingClient:
         _dcp_async_save(state, local, what, self._stager).add_done_callback(committed)
         self._pending_saves.append(future)
         return future
+
+    def _live_state_dicts(self) -> dict[str, Any]:
+        """The model (and optimizer) state dicts of a train state: views of the live tensors.
+
+        Building them maps every parameter to its name (~12 ms for 10M params), as long as a
+        background save's staging copy. The tensors they hold are the live parameters and
+        optimizer moments, which stay the same objects from step to step, so the dicts are
+        built once per optimizer (and once its moments exist) and reused; only the optimizer's
+        hyper-parameters, plain numbers copied into ``param_groups``, are refreshed each time.
+        """
+        optimizer = self._optimizer
+        key = (id(optimizer), len(optimizer.state) if optimizer is not None else 0)
+        if self._state_dicts_key != key:
+            dicts: dict[str, Any] = {"model": _train_state_dict(self.model,
+                                                                lora=self.job.lora_rank > 0)}
+            if optimizer is not None:
+                dicts["optim"] = get_optimizer_state_dict(self.model, optimizer)
+            self._state_dicts, self._state_dicts_key = dicts, key
+        if optimizer is not None:
+            for saved, live in zip(self._state_dicts["optim"]["param_groups"],
+                                   optimizer.param_groups, strict=True):
+                saved.update({k: v for k, v in live.items() if k != "params"})
+        return dict(self._state_dicts)
 
     def wait_for_saves(self) -> None:
         """Block until every background save has committed; raise the first one's error."""
