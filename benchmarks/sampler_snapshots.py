@@ -5,7 +5,9 @@
 Every figure is a ratio of two measurements taken in the same run, on the same machine:
 
 1. delta size / base size after one AdamW step at lr 1e-5 and at lr 1e-3 (bf16 snapshots;
-   fp32 and "no byte planes" for comparison). Target: <= 1/10 at lr 1e-5.
+   fp32, and each delta encoding alone, for comparison). Sizes are of the files a save
+   writes: ``delta.bin`` + ``delta_manifest.json`` of the delta, the ``.safetensors`` weights
+   of the base. Target: <= 1/10 at lr 1e-5.
 2. hotload time of a delta / full reload time (a fresh engine from the base snapshot
    directory, what restarting a deployment costs), and / in-place hotload of the base.
    Target: <= 1/3 of the full reload.
@@ -36,7 +38,12 @@ from training.sdk import (  # noqa: E402  (after the path fix)
     ServiceClient,
 )
 from training.sdk.deployments import TransformersEngine  # noqa: E402
-from training.sdk.snapshots import encode_delta, sampler_weights  # noqa: E402
+from training.sdk.snapshots import (  # noqa: E402
+    DELTA_DATA_FILE,
+    encode_delta,
+    sampler_weights,
+)
+from training.sdk.store import DELTA_MANIFEST_FILE  # noqa: E402
 
 
 def _batch(vocab: int, rows: int = 8, length: int = 128, seed: int = 0) -> list[Datum]:
@@ -51,8 +58,17 @@ def _step(client, datums: list[Datum], lr: float) -> None:
     client.optim_step(AdamParams(learning_rate=lr), "num_loss_tokens").result()
 
 
+DELTA_FILES = (DELTA_DATA_FILE, DELTA_MANIFEST_FILE)
+
+
+def _file_bytes(directory: str, names: tuple[str, ...] | None = None, suffix: str = "") -> int:
+    """Bytes of the files of ``directory`` named ``names`` (any name if None) ending ``suffix``."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if (names is None or f in names) and f.endswith(suffix))
+
+
 def delta_sizes(model: str, root: str) -> dict[str, float]:
-    """delta bytes / base bytes for one step at each learning rate."""
+    """Bytes of a delta snapshot / bytes of the base snapshot's weights, one step per lr."""
     ratios = {}
     for dtype in ("bfloat16", "float32"):
         service = ServiceClient(os.path.join(root, f"sizes-{dtype}"), device="cpu",
@@ -60,23 +76,27 @@ def delta_sizes(model: str, root: str) -> dict[str, float]:
         client = service.create_training_client(model)
         datums = _batch(len(client.get_tokenizer()))
         for lr in (1e-5, 1e-3):
-            client.save_weights_for_sampler_ext(f"base-{lr}", checkpoint_type="base")
+            base = client.save_weights_for_sampler_ext(f"base-{lr}", checkpoint_type="base")
+            base_bytes = _file_bytes(service.store.sampler_dir(client.job_id, base.snapshot_name),
+                                     suffix=".safetensors")
             reference = sampler_weights(client.model, client.sampler_dtype)
             _step(client, datums, lr)
             delta = client.save_weights_for_sampler_ext(f"delta-{lr}")
-            extra = client.store.get_sampler(client.job_id, delta.snapshot_name).extra
-            ratios[f"{dtype} lr={lr:g}"] = extra["delta_bytes"] / extra["raw_bytes"]
-            if dtype == "bfloat16":
-                with tempfile.TemporaryDirectory() as tmp:
-                    stats = encode_delta(sampler_weights(client.model, client.sampler_dtype),
-                                         reference, tmp, reference_identity="x",
-                                         byte_planes=False)
-                ratios[f"{dtype} lr={lr:g} (no byte planes)"] = stats.ratio
+            delta_dir = service.store.sampler_dir(client.job_id, delta.snapshot_name)
+            ratios[f"{dtype} lr={lr:g}"] = _file_bytes(delta_dir, DELTA_FILES) / base_bytes
+            if dtype == "bfloat16":  # what each encoding alone would take
+                new = sampler_weights(client.model, client.sampler_dtype)
+                for encodings in (("xor",), ("dense",), ("ternary",)):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        encode_delta(new, reference, tmp, reference_identity=delta.path,
+                                     encodings=encodings)
+                        size = _file_bytes(tmp, DELTA_FILES)
+                    ratios[f"{dtype} lr={lr:g} ({encodings[0]} only)"] = size / base_bytes
     return ratios
 
 
-def hotload_times(model: str, root: str, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of a delta hotload, a base hotload and a full reload."""
+def hotload_times(model: str, root: str, repeats: int = 5) -> dict[str, list[float]]:
+    """Seconds of each delta hotload, base hotload and full reload (``repeats`` of each)."""
     service = ServiceClient(os.path.join(root, "hotload"), device="cpu",
                             sampler_dtype="bfloat16")
     client = service.create_training_client(model)
@@ -99,7 +119,7 @@ def hotload_times(model: str, root: str, repeats: int = 5) -> dict[str, float]:
         started = time.perf_counter()
         TransformersEngine.from_pretrained(base_dir, dtype=torch.float32)
         times["full reload"].append(time.perf_counter() - started)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def sampling_throughput(model: str, root: str, prompts: int = 8,
@@ -143,12 +163,15 @@ def main() -> int:
         sizes = delta_sizes(args.model, root)
         times = hotload_times(args.model, root)
         speed = sampling_throughput(args.model, root)
-    print(f"model {args.model}, {args.threads} threads")
+    spread = {k: f"{min(v) * 1000:.1f}-{max(v) * 1000:.1f}" for k, v in times.items()}
+    times = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model {args.model}, {args.threads} threads, load average at the end "
+          f"{os.getloadavg()[0]:.2f}")
     print("delta size / base size after one AdamW step:")
     for name, ratio in sizes.items():
         print(f"  {name:32s} {ratio:7.4f}  (1/{1 / ratio:.1f})")
-    print("hotload (median of 5): " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in
-                                                 times.items()))
+    print("hotload (median of 5, min-max): " + ", ".join(
+        f"{k} {v * 1000:.1f} ms ({spread[k]})" for k, v in times.items()))
     print(f"  delta hotload / full reload    {times['delta hotload'] / times['full reload']:.3f}")
     print(f"  delta hotload / base hotload   {times['delta hotload'] / times['base hotload']:.3f}")
     ratio = speed["batched tokens/s"] / speed["one-at-a-time tokens/s"]

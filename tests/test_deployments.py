@@ -23,7 +23,7 @@ from training.sdk import (
     WeightSyncer,
 )
 from training.sdk.deployments import HotloadTimeoutError, vllm_available
-from training.sdk.snapshots import DELTA_DATA_FILE
+from training.sdk.snapshots import DELTA_DATA_FILE, read_delta_manifest
 
 from .conftest import TEST_MODEL
 
@@ -138,6 +138,39 @@ def test_corrupt_delta_is_refused_and_the_old_weights_keep_serving(setup) -> Non
     assert manager.current_snapshot_identity("serve") == base.path
     assert all(torch.equal(v, served[k]) for k, v in _engine_weights(deployment).items())
     assert _greedy(deployment) == answer
+
+
+def test_small_step_delta_skips_unchanged_tensors_and_corruption_is_refused(setup) -> None:
+    client, manager, deployment = setup
+    base = client.save_weights_for_sampler_ext("s0")
+    manager.hotload("serve", base.path)
+    before = deployment.held_weights()
+    _step(client, lr=1e-5)  # norm weights (1.0) move by 1e-5: the same bf16 value
+    delta = client.save_weights_for_sampler_ext("s1")
+    entry_dir = Path(client.store.sampler_dir(client.job_id, delta.snapshot_name))
+    tensors = read_delta_manifest(str(entry_dir)).tensors
+    unchanged = {k for k, e in tensors.items() if e["encoding"] == "unchanged"}
+    assert "model.norm.weight" in unchanged
+    assert any(e["encoding"] == "ternary" for e in tensors.values())
+    good = (entry_dir / DELTA_DATA_FILE).read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 3] ^= 0x10
+    (entry_dir / DELTA_DATA_FILE).write_bytes(bytes(blob))
+    served = {k: v.clone() for k, v in _engine_weights(deployment).items()}
+    with pytest.raises(HotloadError, match=rf"refused, it keeps serving {base.path}"):
+        manager.hotload("serve", delta.path)
+    assert all(torch.equal(v, served[k]) for k, v in _engine_weights(deployment).items())
+    assert deployment.held_weights() is before
+    (entry_dir / DELTA_DATA_FILE).write_bytes(good)
+    loaded: list[str] = []
+    load_weights = deployment.engine.load_weights
+    deployment.engine.load_weights = lambda weights: (loaded.extend(weights),
+                                                      load_weights(weights))
+    manager.hotload("serve", delta.path)
+    assert set(loaded) == set(tensors) - unchanged  # the engine already has the others
+    _assert_serves(deployment, _snapshot_of(client))
+    held = deployment.held_weights()
+    assert all(held[k] is before[k] for k in unchanged)
 
 
 def test_hotload_of_another_base_model_is_refused(setup, store_root) -> None:

@@ -261,7 +261,7 @@ def test_delta_snapshot_refused(registry: ModelRegistry) -> None:
                                                                   delta.snapshot_name),
                                     output_model_id="m")
     message = str(excinfo.value)
-    assert "INFERENCE_ARC_V2" in message and "XOR diff" in message
+    assert "INFERENCE_ARC_V2" in message and "a diff over an earlier base" in message
     assert "save_checkpoint(kind=SAMPLER or BOTH)" in message
     assert "checkpoint_type='base'" in message
     assert not Path(registry.store.model_dir("local", "m")).exists()

@@ -1,18 +1,22 @@
-"""Sampler snapshots: base/delta chains, XOR delta encoding, verification, type inference, TTL."""
+"""Sampler snapshots: base/delta chains, delta encodings, verification, type inference, TTL."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 from transformers import AutoModelForCausalLM
 
 from training.sdk import AdamParams, Datum, ModelInput, ServiceClient, StoreError
 from training.sdk.snapshots import (
     DELTA_DATA_FILE,
+    LEGACY_DELTA_FORMAT,
     SnapshotCorruptError,
     SnapshotMismatchError,
     apply_delta,
@@ -105,21 +109,180 @@ def test_bf16_delta_is_small_at_a_small_learning_rate(store_root, tiny_model_dir
     assert delta_file.stat().st_size == extra[small.snapshot_name]["delta_bytes"]
 
 
-@pytest.mark.parametrize("byte_planes", [True, False])
-def test_encode_apply_round_trip_for_mixed_dtypes(tmp_path, byte_planes) -> None:
+@pytest.mark.parametrize("encoding", ["ternary", "dense", "xor"])
+def test_encode_apply_round_trip_for_mixed_dtypes(tmp_path, encoding) -> None:
     generator = torch.Generator().manual_seed(0)
     reference = {"a": torch.randn(33, 7, generator=generator).to(torch.bfloat16),
                  "b": torch.randn(5, generator=generator),
-                 "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
-    new = {"a": reference["a"] + 0.01, "b": reference["b"] * 1.0001, "c": reference["c"] + 1}
+                 "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+                 "d": torch.tensor([True, False, True]),
+                 "e": torch.arange(-4, 5, dtype=torch.int8),
+                 "f": torch.randn(3, generator=generator, dtype=torch.float64)}
+    new = {"a": reference["a"] + 0.01, "b": reference["b"] * 1.0001, "c": reference["c"] + 1,
+           "d": ~reference["d"], "e": reference["e"] * 3, "f": reference["f"] + 1e-12}
     stats = encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref",
-                         byte_planes=byte_planes)
+                         encodings=[encoding])
     assert stats.compressed_bytes == (tmp_path / DELTA_DATA_FILE).stat().st_size
-    assert stats.raw_bytes == 33 * 7 * 2 + 5 * 4 + 6 * 8
+    assert stats.raw_bytes == 33 * 7 * 2 + 5 * 4 + 6 * 8 + 3 + 9 + 3 * 8
+    assert stats.encodings == {encoding: 6}
     rebuilt = apply_delta(reference, str(tmp_path), reference_identity="sampler://j/ref")
     for name, tensor in new.items():
         assert rebuilt[name].dtype == tensor.dtype and torch.equal(rebuilt[name], tensor)
-    assert read_delta_manifest(str(tmp_path)).byte_planes is byte_planes
+    manifest = read_delta_manifest(str(tmp_path))
+    assert {e["encoding"] for e in manifest.tensors.values()} == {encoding}
+    with pytest.raises(ValueError, match="encodings=.*expected some of"):
+        encode_delta(new, reference, str(tmp_path), reference_identity="x", encodings=["zip"])
+
+
+def _ulp_moves(reference: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+    """``reference`` moved by ``moves`` ulps (bf16 bits as int16: +1 is the next float up)."""
+    return (reference.view(torch.int16) + moves.to(torch.int16)).view(torch.bfloat16)
+
+
+def test_ternary_escapes_unchanged_tensors_and_the_smallest_encoding(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(4097, generator=generator).abs().add(0.5).to(torch.bfloat16)
+    small = torch.randint(-1, 2, (4097,), generator=generator)  # 0 / +-1 ulp: no escapes
+    escapes = small.clone()
+    escapes[::7] = torch.randint(-300, 300, (586,), generator=generator)  # 1 in 7 escapes
+    escapes[-1] = 1000  # an escape in the last, partly filled packed byte
+    far = small.clone()
+    far[[300, 2290, 4290 - 200]] = -5  # escapes 300, 1990 and 1800 apart: fillers between
+    reference = {"sparse": base, "escapes": base.clone(), "same": base.clone(),
+                 "noise": base.clone(), "far": base.clone()}
+    new = {"sparse": _ulp_moves(base, small), "escapes": _ulp_moves(base, escapes),
+           "same": base.clone(),  # equal bytes, another tensor object
+           "noise": torch.randn(4097, generator=generator).to(torch.bfloat16),
+           "far": _ulp_moves(base, far)}
+    stats = encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref")
+    tensors = read_delta_manifest(str(tmp_path)).tensors
+    assert tensors["sparse"]["encoding"] == "ternary" and tensors["sparse"]["escapes"] == 0
+    assert tensors["escapes"]["encoding"] == "ternary"
+    assert tensors["escapes"]["escapes"] == int(((escapes < -1) | (escapes > 1)).sum())
+    assert tensors["same"]["encoding"] == "unchanged" and tensors["same"]["lengths"] == []
+    assert tensors["noise"]["encoding"] == "dense"  # every element moves far: no 2-bit symbols
+    # Gaps of one byte: a filler every 255 elements where escapes are further apart.
+    assert tensors["far"]["escapes"] == 3 + (301 - 1) // 255 + (1990 - 1) // 255 + \
+        (1800 - 1) // 255
+    assert stats.encodings == {"ternary": 3, "unchanged": 1, "dense": 1}
+    # Ternary tensors share their frames; ~1.6 bits of symbols per element where 2 in 3 move.
+    stream = read_delta_manifest(str(tmp_path)).streams["ternary-2"]
+    assert stream["tensors"] == ["sparse", "escapes", "far"]
+    assert tensors["sparse"]["lengths"] == [] and len(stream["lengths"]) == 3
+    assert stream["lengths"][0] < 3 * 4097 * 2 / 8
+    rebuilt = apply_delta(reference, str(tmp_path))
+    for name, tensor in new.items():
+        assert torch.equal(rebuilt[name].view(torch.int16), tensor.view(torch.int16)), name
+    assert rebuilt["same"] is reference["same"]  # checked, not copied
+
+
+def test_corrupt_ternary_payloads_are_refused(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(2)
+    reference = {"w": torch.randn(64, 33, generator=generator).to(torch.bfloat16)}
+    moves = torch.randint(-1, 2, (64, 33), generator=generator)
+    moves[::5, ::3] = 40  # escapes
+    new = {"w": _ulp_moves(reference["w"], moves)}
+    encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref",
+                 encodings=["ternary"])
+    manifest_path = tmp_path / DELTA_MANIFEST_FILE
+    data = tmp_path / DELTA_DATA_FILE
+    good_manifest, good_data = manifest_path.read_text(), data.read_bytes()
+    assert json.loads(good_manifest)["tensors"]["w"]["escapes"] == 13 * 11
+    stream = json.loads(good_manifest)["streams"]["ternary-2"]
+    symbols_length, gaps_length, values_length = stream["lengths"]
+
+    def refused(match: str) -> None:
+        with pytest.raises(SnapshotCorruptError, match=match):
+            apply_delta(reference, str(tmp_path))
+        manifest_path.write_text(good_manifest)
+        data.write_bytes(good_data)
+
+    def replace_frame(index: int, edit) -> None:
+        """Decompress frame ``index``, edit its bytes, write it back (manifest updated)."""
+        lengths = stream["lengths"]
+        start = stream["offset"] + sum(lengths[:index])
+        body = np.frombuffer(zstandard.ZstdDecompressor().decompress(
+            good_data[start:start + lengths[index]]), np.uint8).copy()
+        edit(body)
+        frame = zstandard.ZstdCompressor(level=1).compress(body.tobytes())
+        payload = json.loads(good_manifest)
+        payload["streams"]["ternary-2"]["lengths"][index] = len(frame)
+        manifest_path.write_text(json.dumps(payload))
+        data.write_bytes(good_data[:start] + frame + good_data[start + lengths[index]:])
+
+    # Frames that decode, but to other weights: only the checksum can tell.
+    replace_frame(0, lambda symbols: symbols.__setitem__(0, symbols[0] ^ 0b01))
+    refused("fail the manifest's checksum")
+    replace_frame(2, lambda values: values.__setitem__(3, values[3] + 1))
+    refused("fail the manifest's checksum")
+    replace_frame(1, lambda gaps: gaps.__setitem__(2, gaps[2] + 1))  # escapes one place later
+    refused("fail the manifest's checksum")
+    # Gaps that put an escape past the end, or before the start.
+    replace_frame(1, lambda gaps: gaps.__setitem__(-1, 255))
+    refused(r"has an escape outside its 2112 elements")
+    replace_frame(1, lambda gaps: gaps.__setitem__(0, 0))
+    refused(r"has an escape outside its 2112 elements")
+    # A flipped byte inside a compressed frame.
+    blob = bytearray(good_data)
+    blob[symbols_length + gaps_length + values_length // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    refused("does not decompress|decompresses to|fail the manifest's checksum")
+    # The manifest miscounts the escapes, names an unknown encoding, drops a frame of the
+    # stream or lists other tensors in it.
+    for field, value, match in (("escapes", 13 * 11 + 1, "a frame of the ternary-2 stream "
+                                                         "decompresses to 143 bytes, expected 144"),
+                                ("escapes", -1, "negative escape count"),
+                                ("encoding", "quaternary", "newer version of homefire")):
+        payload = json.loads(good_manifest)
+        payload["tensors"]["w"][field] = value
+        manifest_path.write_text(json.dumps(payload))
+        refused(match)
+    for field, value, match in (("lengths", [symbols_length, gaps_length], "the ternary-2 "
+                                 "stream has 2 frames, expected 3"),
+                                ("tensors", ["v"], r"lists tensors \['v'\], the manifest")):
+        payload = json.loads(good_manifest)
+        payload["streams"]["ternary-2"][field] = value
+        manifest_path.write_text(json.dumps(payload))
+        refused(match)
+    # Frames past the end of delta.bin.
+    data.write_bytes(good_data[:-1])
+    refused("run past the end of the file")
+    assert torch.equal(apply_delta(reference, str(tmp_path))["w"].view(torch.int16),
+                       new["w"].view(torch.int16))
+
+
+def test_format_1_xor_deltas_are_still_read(tmp_path) -> None:
+    """A delta written before per-tensor encodings: XOR (byte planes or not), SHA-256."""
+    generator = torch.Generator().manual_seed(3)
+    reference = {"w": torch.randn(8, 5, generator=generator).to(torch.bfloat16),
+                 "n": torch.arange(4, dtype=torch.int64)}
+    new = {"w": reference["w"] * 1.01, "n": reference["n"] + 7}
+    for byte_planes in (True, False):
+        offset, tensors, frames = 0, {}, []
+        for name, tensor in new.items():
+            raw = tensor.contiguous().view(torch.uint8).numpy()
+            xor = np.bitwise_xor(raw, reference[name].contiguous().view(torch.uint8).numpy())
+            if byte_planes:
+                xor = xor.reshape(-1, tensor.element_size()).T.copy()
+            frame = zstandard.ZstdCompressor(level=1).compress(xor.tobytes())
+            frames.append(frame)
+            tensors[name] = {"dtype": str(tensor.dtype).removeprefix("torch."),
+                             "shape": list(tensor.shape), "offset": offset,
+                             "length": len(frame), "sha256": hashlib.sha256(raw).hexdigest()}
+            offset += len(frame)
+        (tmp_path / DELTA_DATA_FILE).write_bytes(b"".join(frames))
+        (tmp_path / DELTA_MANIFEST_FILE).write_text(json.dumps(
+            {"format": LEGACY_DELTA_FORMAT, "reference": "sampler://j/ref", "tensors": tensors,
+             "byte_planes": byte_planes, "compression": "zstd", "level": 1, "extra": {}}))
+        rebuilt = apply_delta(reference, str(tmp_path), reference_identity="sampler://j/ref")
+        assert all(torch.equal(rebuilt[k], v) for k, v in new.items())
+        with pytest.raises(SnapshotCorruptError, match=r"fail the manifest's checksum \(sha256\)"):
+            apply_delta({"w": reference["w"] + 1, "n": reference["n"]}, str(tmp_path))
+    payload = json.loads((tmp_path / DELTA_MANIFEST_FILE).read_text())
+    payload["format"] = "homefire-xor-delta/9"
+    (tmp_path / DELTA_MANIFEST_FILE).write_text(json.dumps(payload))
+    with pytest.raises(SnapshotCorruptError, match="written by another version of homefire"):
+        apply_delta(reference, str(tmp_path))
 
 
 def test_mismatched_or_corrupt_deltas_are_refused(tmp_path) -> None:
@@ -134,8 +297,8 @@ def test_mismatched_or_corrupt_deltas_are_refused(tmp_path) -> None:
     with pytest.raises(SnapshotMismatchError, match=r"'w' is bfloat16\[64, 8\], the reference "
                                                     r"has float32\[64, 8\]"):
         apply_delta({"w": reference["w"].float(), "b": reference["b"]}, str(tmp_path))
-    # Other weights of the right shape: the XOR "works" but the checksum catches it.
-    with pytest.raises(SnapshotCorruptError, match="fail the manifest's SHA-256"):
+    # Other weights of the right shape: the delta "works" but the checksum catches it.
+    with pytest.raises(SnapshotCorruptError, match="fail the manifest's checksum"):
         apply_delta({"w": reference["w"] + 1, "b": reference["b"]}, str(tmp_path))
 
     data = tmp_path / DELTA_DATA_FILE
@@ -155,9 +318,23 @@ def test_corrupt_base_snapshot_fails_its_checksum(store_root, tiny_model_dir) ->
     manifest = Path(client.store.sampler_dir(client.job_id, saved.snapshot_name),
                     "weights_manifest.json")
     payload = json.loads(manifest.read_text())
-    payload["tensors"]["model.norm.weight"]["sha256"] = "0" * 64
+    assert payload["format"] == "homefire-weights/2" and payload["checksum"] == "xxh3_128"
+    entry = payload["tensors"]["model.norm.weight"]
+    entry["xxh3_128"] = "0" * 32
     manifest.write_text(json.dumps(payload))
-    with pytest.raises(SnapshotCorruptError, match="'model.norm.weight' fails its SHA-256"):
+    with pytest.raises(SnapshotCorruptError, match=r"'model.norm.weight' fails its checksum "
+                                                   r"\(xxh3_128\)"):
+        load_snapshot_weights(client.store, saved.path)
+    # Manifests of the previous format hold SHA-256, still verified.
+    norm = AutoModelForCausalLM.from_pretrained(manifest.parent, dtype="auto").state_dict()[
+        "model.norm.weight"]
+    del entry["xxh3_128"]
+    entry["sha256"] = hashlib.sha256(norm.contiguous().view(torch.uint8).numpy()).hexdigest()
+    manifest.write_text(json.dumps(payload))
+    assert torch.equal(load_snapshot_weights(client.store, saved.path)["model.norm.weight"], norm)
+    entry["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(payload))
+    with pytest.raises(SnapshotCorruptError, match=r"fails its checksum \(sha256\)"):
         load_snapshot_weights(client.store, saved.path)
 
 

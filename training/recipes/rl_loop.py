@@ -18,7 +18,7 @@ with the letter s, scored by the fraction of the completion that does.
 Each step:
 
 1. the deployment serves the current policy weights (synced by :class:`WeightSyncer` after
-   every optimizer step: a base snapshot first, XOR deltas after);
+   every optimizer step: a base snapshot first, deltas after);
 2. ``group_size`` completions of each of ``batch_size`` prompts are sampled with their
    inference log-probs, seeded by ``(seed, step, data position)`` only;
 3. rewards become group-normalized advantages; groups whose rewards are all equal are dropped
@@ -297,7 +297,7 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
 class PolicySync:
     """Keeps the deployment on the policy's current weights, one snapshot per sync.
 
-    Each sync saves a sampler snapshot with :class:`WeightSyncer` (a base the first time, XOR
+    Each sync saves a sampler snapshot with :class:`WeightSyncer` (a base the first time,
     deltas after) and hot-loads it. The previous sync snapshot is deleted once the new one is
     served: the deployment and the delta chain keep their reference weights in memory, so only
     the newest snapshot is ever read again, and a long run's store stays one model in size.

@@ -10,8 +10,9 @@ finds, scales and deletes deployments, and *hot-loads* snapshots onto them:
   its manifest's reference *is* the deployment's ``current_snapshot_identity``.
 
 A hotload is all-or-nothing: the new weights are reconstructed and verified (names, dtypes,
-shapes, SHA-256) on the side, and copied into the engine only once they pass, so a refused or
-corrupt snapshot leaves the deployment serving its previous weights.
+shapes, checksums) on the side, and copied into the engine only once they pass, so a refused or
+corrupt snapshot leaves the deployment serving its previous weights. Tensors a delta leaves
+unchanged are not copied again.
 
 Engines: :class:`TransformersEngine` (default; batched ``generate`` with left padding and a KV
 cache, any device) and :class:`VLLMEngine` (chosen by ``engine="auto"`` when vLLM is installed
@@ -114,7 +115,8 @@ class InferenceEngine(abc.ABC):
 
     @abc.abstractmethod
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Replace the served weights (already checked against :meth:`weight_shapes`)."""
+        """Replace the served weights named in ``weights`` (checked against
+        :meth:`weight_shapes`; a subset when a delta left the others unchanged)."""
 
     def prompt_logprobs(self, prompt: Sequence[int], topk: int = 0,
                         ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
@@ -638,7 +640,9 @@ class DeploymentManager:
             except HotloadError:
                 deployment.stats.refused_hotloads += 1
                 raise
-            engine.load_weights(weights)
+            # A delta's unchanged tensors are the held tensor objects: the engine has them.
+            previous = deployment._held or {}
+            engine.load_weights({k: v for k, v in weights.items() if previous.get(k) is not v})
             deployment._held = weights
             deployment.current_snapshot_identity = identity
             deployment.stats.hotloads += 1
@@ -715,7 +719,8 @@ class DeploymentManager:
                                    f"hot-load INFERENCE_BASE, INFERENCE_LORA and "
                                    f"INFERENCE_ARC_V2 snapshots")
             with self.store.local_copy(entry_dir) as local:
-                reference = read_delta_manifest(local).reference
+                manifest = read_delta_manifest(local)
+                reference = manifest.reference
                 held = deployment.current_snapshot_identity
                 if reference != held or deployment._held is None:
                     raise DeltaReferenceMismatchError(
@@ -724,7 +729,8 @@ class DeploymentManager:
                         f"{held or 'the base model weights'}; it keeps serving those. "
                         f"Hotload {reference} (or any base snapshot) first, or use "
                         f"DeploymentManager.sync to load the whole chain")
-                return apply_delta(deployment._held, local, reference_identity=reference)
+                return apply_delta(deployment._held, local, reference_identity=reference,
+                                   manifest=manifest)
         except SnapshotError as e:
             raise HotloadError(f"hotload of {identity} onto deployment "
                                f"{deployment.deployment_id!r} refused, it keeps serving "

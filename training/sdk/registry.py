@@ -356,7 +356,7 @@ class ModelRegistry:
             snapshot_type = snapshot.snapshot_type
             if snapshot_type == "INFERENCE_ARC_V2":
                 raise NotPromotableError(
-                    f"checkpoint {name} is a delta snapshot (INFERENCE_ARC_V2): an XOR diff over "
+                    f"checkpoint {name} is a delta snapshot (INFERENCE_ARC_V2): a diff over "
                     f"an earlier base snapshot, which cannot be promoted on its own. Save a "
                     f"'base' snapshot and promote that: save_checkpoint(kind=SAMPLER or BOTH) in "
                     f"a recipe, or save_weights_for_sampler_ext(name, checkpoint_type='base')")

@@ -43,9 +43,9 @@ DEFAULT_ACCOUNT = "local"
 SnapshotType = Literal["INFERENCE_BASE", "INFERENCE_LORA", "INFERENCE_ARC_V2"]
 PROMOTABLE_SNAPSHOT_TYPES = ("INFERENCE_BASE", "INFERENCE_LORA")
 DELTA_MANIFEST_FILE = "delta_manifest.json"
-"""Present in (and only in) an XOR delta snapshot; see :mod:`training.sdk.snapshots`."""
+"""Present in (and only in) a delta snapshot; see :mod:`training.sdk.snapshots`."""
 WEIGHTS_MANIFEST_FILE = "weights_manifest.json"
-"""Per-tensor dtype, shape and SHA-256 of a base snapshot's weights."""
+"""Per-tensor dtype, shape and checksum of a base snapshot's weights."""
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 """The PEFT file that marks a LoRA adapter snapshot."""
 

@@ -626,9 +626,10 @@ class TrainingClient:
 
         * ``"base"``: a Hugging Face directory (safetensors + config + tokenizer) that
           ``AutoModelForCausalLM.from_pretrained`` loads, typed ``INFERENCE_BASE``; promotable.
-        * ``"delta"``: the XOR of these weights against the previous snapshot of this session's
-          chain, zstd-compressed (``INFERENCE_ARC_V2``, see :mod:`training.sdk.snapshots`);
-          typically ~10x smaller than a base at small learning rates; not promotable.
+        * ``"delta"``: these weights' exact difference from the previous snapshot of this
+          session's chain, per tensor as the elements' moves in ulps, zstd-compressed
+          (``INFERENCE_ARC_V2``, see :mod:`training.sdk.snapshots`); ~10x smaller than a bf16
+          base at small learning rates; not promotable.
         * ``None`` (default): ``"base"`` for the first snapshot of the session (or after
           :meth:`reset_sampler_chain`), ``"delta"`` after that.
 

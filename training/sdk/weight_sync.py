@@ -50,7 +50,7 @@ class WeightSyncer:
     def __post_init__(self) -> None:
         if self.compression_format != "arc_v2":
             raise ValueError(f"compression_format={self.compression_format!r}: only 'arc_v2' "
-                             f"(XOR + zstd deltas) exists")
+                             f"(zstd deltas) exists")
         if self.first_checkpoint_type not in ("base", "delta"):
             raise ValueError(f"first_checkpoint_type={self.first_checkpoint_type!r}: expected "
                              f"'base' or 'delta'")
