@@ -47,3 +47,22 @@ def make_client(store_root: str, tiny_model_dir: Path):
         return service.create_training_client(TEST_MODEL, **kwargs)
 
     return _make
+
+
+def checkpoint_rows(log_path: str | Path) -> list[dict]:
+    """The rows of ``{log_path}/checkpoints.jsonl``."""
+    from training.utils.checkpoints import CheckpointLog
+
+    return CheckpointLog(log_path).rows()
+
+
+def final_sampler_weights(base: str | Path, log_path: str | Path) -> dict:
+    """The weights of a run's final sampler snapshot, in the store at ``{base}/store``."""
+    from safetensors.torch import load_file
+
+    from training.sdk.store import CheckpointStore
+
+    final = checkpoint_rows(log_path)[-1]
+    store = CheckpointStore(str(Path(base) / "store"))
+    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
+                     f"/model.safetensors")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from training.recipes.sft_loop import Config, main
@@ -24,7 +23,7 @@ from training.utils import CheckpointKind, InfraConfig, TrainingCheckpoints
 from training.utils.checkpoints import CheckpointLog, CheckpointSaveError
 from training.utils.metrics import read_metrics
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, checkpoint_rows, final_sampler_weights
 
 
 def _config(base: Path, log_name: str = "run", **overrides) -> Config:
@@ -44,17 +43,6 @@ def _write_chats(path: Path, n: int = 24) -> None:
         for i in range(n)))
 
 
-def _rows(log_path: Path) -> list[dict]:
-    return CheckpointLog(log_path).rows()
-
-
-def _final_weights(base: Path, log_path: Path) -> dict[str, torch.Tensor]:
-    final = _rows(log_path)[-1]
-    store = CheckpointStore(str(base / "store"))
-    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
-                     f"/model.safetensors")
-
-
 @pytest.fixture(autouse=True)
 def _restore_threads():
     threads = torch.get_num_threads()
@@ -70,7 +58,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     _write_chats(base / "chats.jsonl")
     main(_config(base))
     torch.set_num_threads(threads)
-    return _final_weights(base, base / "run")
+    return final_sampler_weights(base, base / "run")
 
 
 @pytest.fixture
@@ -136,7 +124,7 @@ def test_disk_full_during_a_save(base, monkeypatch, reference, where):
     assert f"then rerun to resume from {expected_resume}" in message
 
     log = base / "run"
-    rows = _rows(log)
+    rows = checkpoint_rows(log)
     assert [r["step"] for r in rows] == ([2, 4, 6] if where == "sampler" else [2, 4])
     store = CheckpointStore(str(base / "store"))
     job = rows[0]["source_job_id"]
@@ -146,7 +134,7 @@ def test_disk_full_during_a_save(base, monkeypatch, reference, where):
 
     result = main(_config(base))
     assert result.final_checkpoint["sampler_path"]
-    got = _final_weights(base, log)
+    got = final_sampler_weights(base, log)
     assert all(torch.equal(got[k], reference[k]) for k in reference)
     assert [m["step"] for m in read_metrics(log)] == list(range(1, 9))
 
@@ -200,10 +188,10 @@ def test_read_only_store(base, reference):
     assert "saving checkpoint 'step-6' (step 6, state)" in message
     assert "Read-only file system" in message or "Permission denied" in message
     assert "make the store" in message and "then rerun to resume from step-4" in message
-    assert [r["step"] for r in _rows(base / "run")] == [2, 4]
+    assert [r["step"] for r in checkpoint_rows(base / "run")] == [2, 4]
 
     main(config)
-    got = _final_weights(base, base / "run")
+    got = final_sampler_weights(base, base / "run")
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
@@ -213,7 +201,7 @@ def test_read_only_store(base, reference):
 def test_incomplete_checkpoints_of_the_run_are_removed_on_rerun(base, capsys):
     main(_config(base, max_steps=4))
     store = CheckpointStore(str(base / "store"))
-    job = _rows(base / "run")[0]["source_job_id"]
+    job = checkpoint_rows(base / "run")[0]["source_job_id"]
     # Leftovers of saves killed half-way (no meta.json), and one of another job.
     half_state = Path(store.state_dir(job, "step-6"))
     half_sampler = Path(store.sampler_dir(job, "step-8-0badf00d"))
@@ -228,7 +216,7 @@ def test_incomplete_checkpoints_of_the_run_are_removed_on_rerun(base, capsys):
     assert store.incomplete_entries(job) == []
     assert not half_sampler.exists()
     assert (others / "__0_0.distcp").exists()  # never touch another job's files
-    assert [r["step"] for r in _rows(base / "run")] == [2, 4, 6, 8]
+    assert [r["step"] for r in checkpoint_rows(base / "run")] == [2, 4, 6, 8]
 
 
 def test_run_killed_before_its_first_checkpoint_reuses_its_job(base):
@@ -243,7 +231,7 @@ def test_run_killed_before_its_first_checkpoint_reuses_its_job(base):
     store = CheckpointStore(str(base / "store"))
     half = Path(store.state_dir(job, "step-2"))
     half.mkdir(parents=True)  # as a SIGKILL would have left it (no clean-up ran)
-    assert _rows(base / "run") == []
+    assert checkpoint_rows(base / "run") == []
 
     result = main(config)
     assert result.final_checkpoint["source_job_id"] == job
@@ -256,7 +244,7 @@ def test_run_killed_before_its_first_checkpoint_reuses_its_job(base):
 
 def test_keep_last_n_in_a_run(base):
     result = main(_config(base, dcp_save_interval=1, max_steps=6, keep_last_n=2))
-    rows = _rows(result.log_path)
+    rows = checkpoint_rows(result.log_path)
     job = rows[0]["source_job_id"]
     store = CheckpointStore(str(base / "store"))
     assert [m.name for m in store.list_states(job)] == ["step-4", "step-5", "step-6"]
@@ -323,7 +311,7 @@ def test_final_save_of_a_run_resumed_at_its_end_reuses_the_resume_state(base):
     config = _config(base)
     main(config)
     log = base / "run"
-    rows = _rows(log)
+    rows = checkpoint_rows(log)
     (log / "checkpoints.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     store = CheckpointStore(str(base / "store"))
     job = rows[0]["source_job_id"]

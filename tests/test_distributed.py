@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import TEST_MODEL
+from tests.conftest import TEST_MODEL, checkpoint_rows, final_sampler_weights
 from training.sdk import distributed
 from training.sdk.store import CheckpointStore
-from training.utils.checkpoints import CheckpointLog
 from training.utils.metrics import read_metrics
 from training.utils.rl_data import SAMPLE_RL_PROMPTS_PATH
 
@@ -60,17 +58,6 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> str:
     return output
 
 
-def _rows(log_path: Path) -> list[dict]:
-    return CheckpointLog(log_path).rows()
-
-
-def _final_weights(base: Path, log_path: Path) -> dict[str, torch.Tensor]:
-    final = _rows(log_path)[-1]
-    store = CheckpointStore(str(base / "store"))
-    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
-                     f"/model.safetensors")
-
-
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -91,13 +78,13 @@ def test_two_ranks_train_like_one_process(runs):
     one, two = read_metrics(runs / "one"), read_metrics(runs / "two")
     # Rank 0 alone writes metrics and rows: one of each per step/save, no duplicates.
     assert [m["step"] for m in two] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in _rows(runs / "two")] == [2, 4, 6]
+    assert [r["step"] for r in checkpoint_rows(runs / "two")] == [2, 4, 6]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    _assert_close(_final_weights(runs, runs / "one"), _final_weights(runs, runs / "two"))
+    _assert_close(final_sampler_weights(runs, runs / "one"), final_sampler_weights(runs, runs / "two"))
     # The train state is sharded: each rank wrote its own file.
-    row = _rows(runs / "two")[1]
+    row = checkpoint_rows(runs / "two")[1]
     state_dir = Path(CheckpointStore(str(runs / "store")).state_dir(row["source_job_id"],
                                                                      row["name"]))
     assert sorted(p.name for p in state_dir.glob("*.distcp")) == ["__0_0.distcp",
@@ -114,11 +101,11 @@ def test_resume_at_another_world_size(runs, first, second):
     killed = _launch(runs, log, ranks=first, extra=("infra.async_checkpoint=false",),
                      env={"HOMEFIRE_FAULT_POINT": "step:3"})
     assert killed.returncode != 0
-    assert [r["step"] for r in _rows(runs / log)] == [2]
+    assert [r["step"] for r in checkpoint_rows(runs / log)] == [2]
     output = _ok(_launch(runs, log, ranks=second))
     assert "resuming from step-2 (step 2, 8 examples consumed)" in output
     assert [m["step"] for m in read_metrics(runs / log)] == list(range(1, STEPS + 1))
-    _assert_close(_final_weights(runs, runs / "one"), _final_weights(runs, runs / log))
+    _assert_close(final_sampler_weights(runs, runs / "one"), final_sampler_weights(runs, runs / log))
 
 
 def test_lost_rank_stops_the_run_and_the_rerun_resumes(runs):
@@ -135,10 +122,10 @@ def test_lost_rank_stops_the_run_and_the_rerun_resumes(runs):
     assert ("lost contact with another rank" in output
             or "rank 0 was stopped by SIGTERM" in output), output[-3000:]
     assert "Rerun the same" in output
-    assert [r["step"] for r in _rows(runs / "lost")] == [2]
+    assert [r["step"] for r in checkpoint_rows(runs / "lost")] == [2]
     rerun = _ok(_launch(runs, "lost", ranks=2, extra=("infra.async_checkpoint=false",)))
     assert "resuming from step-2" in rerun
-    expected, got = _final_weights(runs, runs / "two"), _final_weights(runs, runs / "lost")
+    expected, got = final_sampler_weights(runs, runs / "two"), final_sampler_weights(runs, runs / "lost")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
@@ -183,7 +170,7 @@ def test_rl_on_two_ranks_starts_like_one_process(runs):
     one, two = read_metrics(runs / "rl-one")[0], read_metrics(runs / "rl-two")[0]
     assert two["reward_mean"] == one["reward_mean"]
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
-    assert [r["step"] for r in _rows(runs / "rl-two")] == [2]
+    assert [r["step"] for r in checkpoint_rows(runs / "rl-two")] == [2]
 
 
 @pytest.mark.gpu

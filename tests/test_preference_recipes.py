@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from training.recipes import dpo_loop, orpo_loop
 from training.sdk import ServiceClient
@@ -29,7 +28,7 @@ from training.utils.preference_data import (
 )
 from training.utils.reference_cache import REFERENCE_CACHE_NAMESPACE, compute_reference_logprobs
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, checkpoint_rows, final_sampler_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,18 +70,6 @@ def reference_clients(monkeypatch) -> list:
     return made
 
 
-def _rows(log_path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(log_path) / "checkpoints.jsonl").read_text()
-            .splitlines()]
-
-
-def _final_weights(tmp_path: Path, log_path: str | Path) -> dict[str, torch.Tensor]:
-    final = _rows(log_path)[-1]
-    store = CheckpointStore(str(tmp_path / "store"))
-    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
-                     f"/model.safetensors")
-
-
 def _cache_files(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "store" / "cache" / REFERENCE_CACHE_NAMESPACE).glob("ref-*.pt"))
 
@@ -96,13 +83,13 @@ def test_resume_is_bitwise_equal_and_reuses_the_reference_cache(tmp_path, refere
     dpo_loop.main(interrupted)
     # ... and reused by another run on the same data and model, and by the resume below.
     log = Path(interrupted.log_path)
-    (log / "checkpoints.jsonl").write_text(json.dumps(_rows(log)[0]) + "\n")  # crash after 8
+    (log / "checkpoints.jsonl").write_text(json.dumps(checkpoint_rows(log)[0]) + "\n")  # crash after 8
     cache_mtime = cache.stat().st_mtime_ns
     resumed = dpo_loop.main(interrupted)
     assert len(reference_clients) == 1 and cache.stat().st_mtime_ns == cache_mtime
 
-    assert [r["step"] for r in _rows(resumed.log_path)] == [8, 16, 24]
-    ref_w, got_w = _final_weights(tmp_path, reference.log_path), _final_weights(tmp_path, log)
+    assert [r["step"] for r in checkpoint_rows(resumed.log_path)] == [8, 16, 24]
+    ref_w, got_w = final_sampler_weights(tmp_path, reference.log_path), final_sampler_weights(tmp_path, log)
     assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
     # Rewards after the resume point are measured against the same reference, not the resumed
     # weights (which would make them ~0).
@@ -161,7 +148,7 @@ def test_kill_9_mid_run_then_rerun_is_bitwise_equal(tmp_path):
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _rows(killed_log)[-1]["step"]
+    killed_at = checkpoint_rows(killed_log)[-1]["step"]
     assert killed_at < 50  # 400 pairs / 8: it really was interrupted
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -171,7 +158,7 @@ def test_kill_9_mid_run_then_rerun_is_bitwise_equal(tmp_path):
 
     torch.set_num_threads(1)
     reference = dpo_loop.main(_config(tmp_path, "reference", epochs=1, dcp_save_interval=10))
-    ref_w, got_w = _final_weights(tmp_path, reference.log_path), _final_weights(
+    ref_w, got_w = final_sampler_weights(tmp_path, reference.log_path), final_sampler_weights(
         tmp_path, killed_log)
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
     assert [m["step"] for m in read_metrics(killed_log)] == list(range(1, 51))
@@ -194,7 +181,7 @@ def test_init_from_checkpoint_is_the_reference(tmp_path, reference_clients):
     dataset = str(_write_prefs(tmp_path / "p.jsonl", n=16))
     source = dpo_loop.main(_config(tmp_path, "source", dataset=dataset, max_steps=4,
                                    dcp_save_interval=4, learning_rate=1e-3))
-    row = _rows(source.log_path)[0]
+    row = checkpoint_rows(source.log_path)[0]
     child = dpo_loop.main(_config(tmp_path, "child", dataset=dataset, max_steps=2,
                                   init_from_checkpoint=f"{row['source_job_id']}:{row['name']}"))
     # A second cache entry (the starting weights differ), computed from the checkpoint: the
@@ -214,8 +201,8 @@ def test_orpo_runs_without_a_reference_model(tmp_path, monkeypatch):
     config = _config(tmp_path, recipe=orpo_loop, max_steps=12, dcp_save_interval=6,
                      learning_rate=1e-3)
     result = orpo_loop.main(config)
-    assert [r["step"] for r in _rows(result.log_path)] == [6, 12]
-    assert "sampler_path" in _rows(result.log_path)[-1]
+    assert [r["step"] for r in checkpoint_rows(result.log_path)] == [6, 12]
+    assert "sampler_path" in checkpoint_rows(result.log_path)[-1]
     metrics = read_metrics(result.log_path)
     assert {"loss", "nll_loss", "odds_ratio_loss", "log_odds_ratio", "preference_accuracy",
             "reward_margin", "chosen_reward", "rejected_reward"} <= metrics[0].keys()

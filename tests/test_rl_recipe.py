@@ -20,7 +20,7 @@ from training.utils.metrics import read_metrics
 from training.utils.rewards import RewardError
 from training.utils.rl_data import read_rollouts
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, checkpoint_rows, final_sampler_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,21 +53,9 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def _rows(log_path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in
-            (Path(log_path) / "checkpoints.jsonl").read_text().splitlines()]
-
-
-def _final_weights(tmp_path: Path, log_path: str | Path) -> dict[str, torch.Tensor]:
-    final = _rows(log_path)[-1]
-    store = CheckpointStore(str(tmp_path / "store"))
-    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
-                     f"/model.safetensors")
-
-
 def test_run_logs_rollouts_and_metrics_and_syncs_every_step(tmp_path):
     result = main(_config(tmp_path, dcp_save_interval=2))
-    assert [r["step"] for r in _rows(result.log_path)] == [2, 4]
+    assert [r["step"] for r in checkpoint_rows(result.log_path)] == [2, 4]
     metrics = read_metrics(result.log_path)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for m in metrics:
@@ -90,7 +78,7 @@ def test_run_logs_rollouts_and_metrics_and_syncs_every_step(tmp_path):
     assert sum(r["reward"] for r in first) / 8 == pytest.approx(metrics[0]["reward_mean"])
     assert all(r["num_tokens"] <= 6 and r["prompt"] for r in rollouts)
     # Only the newest sync snapshot is kept in the store (besides the final checkpoint's).
-    job = _rows(result.log_path)[-1]["source_job_id"]
+    job = checkpoint_rows(result.log_path)[-1]["source_job_id"]
     names = [m.name for m in CheckpointStore(str(tmp_path / "store")).list_samplers(job)]
     assert len([n for n in names if n.startswith("rl-sync-")]) == 1, names
 
@@ -106,10 +94,10 @@ def test_resume_from_a_state_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     main(interrupted)
     log = Path(interrupted.log_path)
     first_attempt = read_metrics(log)
-    (log / "checkpoints.jsonl").write_text(json.dumps(_rows(log)[0]) + "\n")
+    (log / "checkpoints.jsonl").write_text(json.dumps(checkpoint_rows(log)[0]) + "\n")
     resumed = main(interrupted)
 
-    ref_w, got_w = _final_weights(tmp_path, reference.log_path), _final_weights(tmp_path, log)
+    ref_w, got_w = final_sampler_weights(tmp_path, reference.log_path), final_sampler_weights(tmp_path, log)
     assert ref_w.keys() == got_w.keys()
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
     ref_metrics, got_metrics = read_metrics(reference.log_path), read_metrics(resumed.log_path)
@@ -139,7 +127,7 @@ def test_first_samples_after_resume_come_from_the_resumed_weights(tmp_path, monk
     config = _config(tmp_path, dcp_save_interval=2, max_steps=3)
     main(config)
     log = Path(config.log_path)
-    (log / "checkpoints.jsonl").write_text(json.dumps(_rows(log)[0]) + "\n")
+    (log / "checkpoints.jsonl").write_text(json.dumps(checkpoint_rows(log)[0]) + "\n")
     seen = {}
     original = rl_loop.RolloutSampler.sample
 
@@ -158,7 +146,7 @@ def test_first_samples_after_resume_come_from_the_resumed_weights(tmp_path, monk
 
     client = ServiceClient(str(tmp_path / "store"), device="cpu", mixed_precision="no") \
         .create_training_client(TEST_MODEL)
-    client.load_state(_rows(log)[0]["state_path"]).result()
+    client.load_state(checkpoint_rows(log)[0]["state_path"]).result()
     for name, tensor in client.model.state_dict().items():
         assert torch.equal(seen["weights"][name], tensor), name
     base = ServiceClient(str(tmp_path / "other"), device="cpu", mixed_precision="no") \
@@ -212,16 +200,15 @@ def test_command_line_runs_the_recipe(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rl_loop:" in proc.stdout and "loss dapo" in proc.stdout
-    assert [r["step"] for r in _rows(log)] == [2]
+    assert [r["step"] for r in checkpoint_rows(log)] == [2]
     assert len(read_rollouts(log)) == 2 * 2 * 2
 
 
 def test_lora_policy_is_served_and_resumes_exactly(tmp_path):
     """lora_rank > 0: adapter snapshots are hot-loaded (merged onto the base) every step."""
-    from safetensors.torch import load_file
 
     def adapter(log_path: str) -> dict[str, torch.Tensor]:
-        row = _rows(Path(log_path))[-1]
+        row = checkpoint_rows(Path(log_path))[-1]
         entry = tmp_path / "store" / "jobs" / row["source_job_id"] / "samplers" / row[
             "sampler_path"]
         assert json.loads((entry / "meta.json").read_text())["snapshot_type"] == "INFERENCE_LORA"
@@ -231,7 +218,7 @@ def test_lora_policy_is_served_and_resumes_exactly(tmp_path):
     rolled = _config(tmp_path, "rolled", lora_rank=4, dcp_save_interval=2)
     main(rolled)
     log = Path(rolled.log_path)
-    (log / "checkpoints.jsonl").write_text(json.dumps(_rows(log)[0]) + "\n")
+    (log / "checkpoints.jsonl").write_text(json.dumps(checkpoint_rows(log)[0]) + "\n")
     main(rolled)
     expected, got = adapter(reference.log_path), adapter(rolled.log_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected)

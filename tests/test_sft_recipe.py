@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.recipes.sft_loop import Config, main
-from training.sdk.store import CheckpointStore
 from training.utils import ConfigError, InfraConfig
 from training.utils.data import DatasetError
 from training.utils.metrics import read_metrics
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, checkpoint_rows, final_sampler_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_ROW_FIELDS = {"name", "step", "data_consumed", "source_job_id", "base_model"}
@@ -59,21 +57,9 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def _rows(log_path: str | Path) -> list[dict]:
-    path = Path(log_path) / "checkpoints.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _final_weights(tmp_path: Path, log_path: str | Path) -> dict[str, torch.Tensor]:
-    final = _rows(log_path)[-1]
-    store = CheckpointStore(str(tmp_path / "store"))
-    return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
-                     f"/model.safetensors")
-
-
 def test_rows_follow_the_seed_schema_and_final_is_both(tmp_path, chats):
     result = main(_config(tmp_path, dcp_save_interval=4))
-    rows = _rows(result.log_path)
+    rows = checkpoint_rows(result.log_path)
     # 24 examples x 2 epochs / batch 4 = 12 steps: STATE at 4 and 8, BOTH at 12.
     assert [r["step"] for r in rows] == [4, 8, 12]
     for row in rows:
@@ -107,12 +93,12 @@ def test_resume_from_a_state_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     interrupted = _config(tmp_path, "interrupted", dcp_save_interval=5)
     main(interrupted)
     log = Path(interrupted.log_path)
-    rows = _rows(log)
+    rows = checkpoint_rows(log)
     (log / "checkpoints.jsonl").write_text(json.dumps(rows[0]) + "\n")
     resumed = main(interrupted)
 
-    assert _rows(resumed.log_path)[-1]["step"] == 12
-    ref_w, got_w = _final_weights(tmp_path, reference.log_path), _final_weights(
+    assert checkpoint_rows(resumed.log_path)[-1]["step"] == 12
+    ref_w, got_w = final_sampler_weights(tmp_path, reference.log_path), final_sampler_weights(
         tmp_path, resumed.log_path)
     assert ref_w.keys() == got_w.keys()
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
@@ -144,7 +130,7 @@ def test_kill_9_mid_run_then_rerun_is_bitwise_equal(tmp_path, chats):
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _rows(killed_log)[-1]["step"]
+    killed_at = checkpoint_rows(killed_log)[-1]["step"]
     assert killed_at < 100  # it really was interrupted
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -154,7 +140,7 @@ def test_kill_9_mid_run_then_rerun_is_bitwise_equal(tmp_path, chats):
     torch.set_num_threads(1)
     reference = main(_config(tmp_path, "reference", dataset=str(chats), epochs=1,
                              dcp_save_interval=10))
-    ref_w, got_w = _final_weights(tmp_path, reference.log_path), _final_weights(
+    ref_w, got_w = final_sampler_weights(tmp_path, reference.log_path), final_sampler_weights(
         tmp_path, killed_log)
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
     assert [m["step"] for m in read_metrics(killed_log)] == list(range(1, 101))
@@ -162,11 +148,11 @@ def test_kill_9_mid_run_then_rerun_is_bitwise_equal(tmp_path, chats):
 
 def test_init_from_checkpoint_starts_at_step_zero_with_those_weights(tmp_path, chats):
     source = main(_config(tmp_path, "source", dcp_save_interval=4, max_steps=4))
-    row = _rows(source.log_path)[0]
+    row = checkpoint_rows(source.log_path)[0]
     init = f"{row['source_job_id']}:{row['name']}"
     config = _config(tmp_path, "child", init_from_checkpoint=init, max_steps=2)
     result = main(config)
-    child_rows = _rows(result.log_path)
+    child_rows = checkpoint_rows(result.log_path)
     assert [r["step"] for r in child_rows] == [2]
     assert child_rows[0]["source_job_id"] != row["source_job_id"]
     # Combining init_from_checkpoint with a resumable log_path is refused, and nothing changes.
@@ -178,7 +164,7 @@ def test_init_from_checkpoint_starts_at_step_zero_with_those_weights(tmp_path, c
 
 def test_init_from_unknown_checkpoint_is_a_clear_error(tmp_path, chats):
     source = main(_config(tmp_path, "source", max_steps=1))
-    job = _rows(source.log_path)[0]["source_job_id"]
+    job = checkpoint_rows(source.log_path)[0]["source_job_id"]
     with pytest.raises(KeyError, match=f"job '{job}' has no train state 'step-99'"):
         main(_config(tmp_path, "child", init_from_checkpoint=f"{job}:step-99"))
     with pytest.raises(KeyError, match="no trainer job 'nojob'"):
@@ -206,7 +192,7 @@ def test_output_model_id_promotes_a_loadable_model(tmp_path, chats):
     ids = tokenizer("What is 2 plus 2?", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
-    final = _final_weights(tmp_path, result.log_path)
+    final = final_sampler_weights(tmp_path, result.log_path)
     for name, tensor in final.items():
         assert torch.equal(model.state_dict()[name], tensor), name
     # A rerun of the finished run re-promotes idempotently (e.g. after a kill mid-promotion).
