@@ -12,8 +12,9 @@ Runs the SFT recipe in child processes on the same model and data:
 5. a rerun of (4) with 3 more steps: the time from process start to the first resumed step.
 
 Then, in this process, a training client saves every ``--interval`` steps, alternating
-synchronous and async rounds: the *stall* of a save is the time ``save_state`` blocks the
-training loop (for an async save: copying the state aside); the *overhead* is the extra wall
+synchronous and async rounds: the *stall* of a save is the time training waits for it (a sync
+``save_state``; for an async save, its call plus the next ``optim_step`` waiting for the state
+copy, as ``TrainingClient.save_stall_s`` counts them); the *overhead* is the extra wall
 time of the round over a round without saves, per save (for async saves it includes the CPU the
 background write takes from the training threads on this 2-core machine).
 
@@ -79,16 +80,21 @@ def measure_stall(args: argparse.Namespace, store: Path, rounds: int = 3) -> dic
                .create_training_client(args.model) for mode in ("sync", "async")}
 
     def train_round(client, save: bool) -> tuple[float, list[float]]:
-        blocked, start = [], time.perf_counter()
-        for step in range(1, 2 * args.interval + 1):
+        """2 x interval + 1 steps, saving after steps interval and 2 x interval (each save is
+        followed by a step: an async save's stall ends at the next optim_step's wait)."""
+        stalls, start, stalled = [], time.perf_counter(), client.save_stall_s
+        for step in range(1, 2 * args.interval + 2):
             client.forward_backward(datums).result()
             client.optim_step(AdamParams(learning_rate=1e-4)).result()
             if save and step % args.interval == 0:
                 t = time.perf_counter()
                 client.save_state(f"s{step}")
-                blocked.append(time.perf_counter() - t)
+                if not client.async_saves:
+                    stalls.append(time.perf_counter() - t)
         client.wait_for_saves()
-        return time.perf_counter() - start, blocked
+        if save and client.async_saves:
+            stalls = [(client.save_stall_s - stalled) / 2] * 2
+        return time.perf_counter() - start, stalls
 
     for client in clients.values():  # warm-up: first steps, first save, staging buffers
         train_round(client, save=True)

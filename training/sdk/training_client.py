@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pickle
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -153,6 +154,10 @@ class TrainingClient:
         self._forward_module = (torch.compile(model, dynamic=True) if compile else model)
         self._pending_saves: list[Future[SaveStateResponse]] = []
         self._stager = _ReusedBufferStager()
+        self._staged: threading.Event | None = None
+        self.save_stall_s = 0.0
+        """Seconds training has waited for background saves so far: their ``save_state`` calls
+        plus ``optim_step`` waiting for the state copy (a benchmark figure)."""
         self._state_dicts: dict[str, Any] = {}
         self._state_dicts_key: tuple[int, int] | None = None
         self.frozen = frozen
@@ -434,6 +439,7 @@ class TrainingClient:
             group["betas"] = (adam_params.beta1, adam_params.beta2)
             group["eps"] = adam_params.eps
             group["weight_decay"] = adam_params.weight_decay
+        self._wait_for_staging()
         with collective("applying the optimizer step"):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -454,13 +460,15 @@ class TrainingClient:
         gets its own under torchrun). Gradients accumulated since the last ``optim_step`` are not
         saved. ``timeout`` is accepted for API compatibility.
 
-        With :attr:`async_saves` the call returns once the state is copied aside (training may
-        change the weights right away) and the files are written in the background; the future
+        With :attr:`async_saves` the call returns at once: a background thread copies the state
+        aside (while the next forward/backward, which only reads the weights, runs; the next
+        ``optim_step`` waits for that copy) and then writes the files; the future
         completes when the checkpoint is committed (its ``meta.json`` written), and carries the
         error if the write failed. Until then the checkpoint does not exist for any reader. At
         most one save is in flight: the next save, a load, or :meth:`wait_for_saves` waits.
         """
         validate_name(name)
+        called = time.perf_counter()
         self.wait_for_saves()
         state: dict[str, Any] = {
             **self._live_state_dicts(),
@@ -493,12 +501,20 @@ class TrainingClient:
             return _done(response)
 
         future: Future[SaveStateResponse] = Future()
+        staged = threading.Event()
+        process_group = distributed.checkpoint_group()  # created here: a collective itself
 
-        def committed(write: Future[Any]) -> None:  # runs in DCP's writer thread
+        def write_in_background() -> None:
             try:
-                _dcp_result(write, local, what)
+                # The copy runs while the caller's next forward/backward only reads the weights;
+                # optim_step (the first thing that changes them) waits for it.
+                try:
+                    copy = self._stager.stage(state)
+                finally:
+                    staged.set()
+                _dcp_save(copy, local, what, process_group)
                 self.store.close_entry(entry_dir, local)
-                if self.world.is_main:  # rank 0's write finishes after every rank's
+                if self.world.is_main:  # rank 0's save ends after every rank's shards
                     self.store.commit(entry_dir, meta)
                 future.set_result(response)
             except BaseException as e:  # noqa: BLE001 (handed to whoever waits on the future)
@@ -506,9 +522,19 @@ class TrainingClient:
                 future.set_exception(e if isinstance(e, StoreError) else StoreError(
                     f"{what} failed in {self.store.url(entry_dir)}: {type(e).__name__}: {e}"))
 
-        _dcp_async_save(state, local, what, self._stager).add_done_callback(committed)
+        self._staged = staged
+        threading.Thread(target=write_in_background, name=f"homefire-save-{name}").start()
         self._pending_saves.append(future)
+        self.save_stall_s += time.perf_counter() - called
         return future
+
+    def _wait_for_staging(self) -> None:
+        """Block until a background save has copied the state aside (before weights change)."""
+        if self._staged is not None:
+            waited = time.perf_counter()
+            self._staged.wait()
+            self.save_stall_s += time.perf_counter() - waited
+            self._staged = None
 
     def _live_state_dicts(self) -> dict[str, Any]:
         """The model (and optimizer) state dicts of a train state: views of the live tensors.
@@ -607,6 +633,7 @@ class TrainingClient:
             raise ValueError(f"load_adapter needs a LoRA session (lora_rank > 0); job "
                              f"{self.job_id} trains all weights")
         self._check_trainable("load_adapter")
+        self.wait_for_saves()  # a background save may still be copying these weights
         load_adapter_weights(self.model, adapter_path)
         return _done(None)
 
@@ -808,33 +835,18 @@ def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, wha
         raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
 
 
-def _dcp_async_save(state: dict[str, Any], directory: str, what: str,
-                    stager: _ReusedBufferStager) -> Future[Any]:
-    """Start a DCP save in a background thread after copying ``state`` into ``stager``'s
-    buffers (the only part the caller waits for)."""
+def _dcp_save(state: dict[str, Any], directory: str, what: str, process_group: Any) -> None:
+    """A DCP save from a background thread (no ``warnings.catch_warnings``: it is not
+    thread-safe; the module-level filter covers DCP's single-process warning)."""
     try:
-        with warnings.catch_warnings(), collective(what):
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(directory),
-                                  async_stager=stager,
-                                  process_group=distributed.checkpoint_group(),
-                                  no_dist=not distributed.world().distributed)
+        with collective(what):
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
+                     process_group=process_group, no_dist=not distributed.world().distributed)
     except CheckpointException as e:
         raise StoreError(f"{what} failed in {directory}: {_first_line(e)}") from e
     except (OSError, RuntimeError, ValueError) as e:
         if isinstance(e, distributed.RankLostError):
             raise
-        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
-
-
-def _dcp_result(write: Future[Any], directory: str, what: str) -> None:
-    """The outcome of a background DCP save, as a StoreError if it failed."""
-    try:
-        write.result()
-    except CheckpointException as e:
-        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}") from e
-    except (OSError, RuntimeError, ValueError) as e:
         raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
 
 

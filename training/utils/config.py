@@ -38,8 +38,9 @@ class InfraConfig:
     account: str | None = None
     """Account segment of checkpoint and model names (default ``local``)."""
     async_checkpoint: bool = True
-    """Write periodic STATE checkpoints in the background: a step waits only while the state is
-    copied aside, not for the disk. A checkpoint's row reaches checkpoints.jsonl once its files
+    """Write periodic STATE checkpoints in the background: the state is copied aside while the
+    next forward/backward runs and written to disk after; only the next optimizer step waits for
+    the copy. A checkpoint's row reaches checkpoints.jsonl once its files
     are committed, so a crash mid-write resumes from the previous one. The final save is always
     waited for."""
     compile: bool = False
