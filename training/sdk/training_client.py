@@ -24,7 +24,6 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -153,7 +152,7 @@ class TrainingClient:
         # snapshots keep using self.model.
         self._forward_module = (torch.compile(model, dynamic=True) if compile else model)
         self._pending_saves: list[Future[SaveStateResponse]] = []
-        self._stager = _ReusedBufferStager()
+        self._staging = _StagingBuffers()
         self._staged: threading.Event | None = None
         self.save_stall_s = 0.0
         """Seconds training has waited for background saves so far: their ``save_state`` calls
@@ -509,10 +508,10 @@ class TrainingClient:
                 # The copy runs while the caller's next forward/backward only reads the weights;
                 # optim_step (the first thing that changes them) waits for it.
                 try:
-                    copy = self._stager.stage(state)
+                    copy = self._staging.copy(state)
                 finally:
                     staged.set()
-                _dcp_save(copy, local, what, process_group)
+                _dcp_call(dcp.save, copy, local, what, process_group)
                 self.store.close_entry(entry_dir, local)
                 if self.world.is_main:  # rank 0's save ends after every rank's shards
                     self.store.commit(entry_dir, meta)
@@ -539,8 +538,7 @@ class TrainingClient:
     def _live_state_dicts(self) -> dict[str, Any]:
         """The model (and optimizer) state dicts of a train state: views of the live tensors.
 
-        Building them maps every parameter to its name (~12 ms for 10M params), as long as a
-        background save's staging copy. The tensors they hold are the live parameters and
+        Building them maps every parameter to its name (~12 ms for 10M params). The tensors they hold are the live parameters and
         optimizer moments, which stay the same objects from step to step, so the dicts are
         built once per optimizer (and once its moments exist) and reused; only the optimizer's
         hyper-parameters, plain numbers copied into ``param_groups``, are refreshed each time.
@@ -816,16 +814,21 @@ def _user_state_key(rank: int) -> str:
     return "user_state" if rank == 0 else f"user_state.rank{rank}"
 
 
-def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str) -> None:
-    """Run a DCP save/load on a local directory, turning its BaseException into a StoreError."""
+def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str,
+              process_group: Any = None) -> None:
+    """Run a DCP save/load on a local directory, turning its BaseException into a StoreError.
+
+    Safe in a background thread: no ``warnings.catch_warnings`` (not thread-safe); the module's
+    filter silences DCP's single-process warning.
+    """
     try:
-        with warnings.catch_warnings(), collective(what):
-            # DCP warns that it runs without a process group: that is the single-process case.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with collective(what):
             if fn is dcp.save:
-                fn(state, storage_writer=dcp.FileSystemWriter(directory))
+                fn(state, storage_writer=dcp.FileSystemWriter(directory),
+                   process_group=process_group)
             else:
-                fn(state, storage_reader=dcp.FileSystemReader(directory))
+                fn(state, storage_reader=dcp.FileSystemReader(directory),
+                   process_group=process_group)
     except CheckpointException as e:  # derives from BaseException, not Exception
         raise StoreError(f"{what} failed in {directory}: {_first_line(e)}; the checkpoint is "
                          f"corrupt or incomplete: delete it or use an earlier one") from e
@@ -835,35 +838,17 @@ def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, wha
         raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
 
 
-def _dcp_save(state: dict[str, Any], directory: str, what: str, process_group: Any) -> None:
-    """A DCP save from a background thread (no ``warnings.catch_warnings``: it is not
-    thread-safe; the module-level filter covers DCP's single-process warning)."""
-    try:
-        with collective(what):
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
-                     process_group=process_group, no_dist=not distributed.world().distributed)
-    except CheckpointException as e:
-        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}") from e
-    except (OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, distributed.RankLostError):
-            raise
-        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
-
-
-class _ReusedBufferStager(BlockingAsyncStager):
-    """Copies a train state into CPU buffers that are kept from one save to the next.
-
-    DCP's default stager allocates fresh buffers each save (page faults on every byte) and its
-    caching variant pins memory, which needs an accelerator. One save is in flight at a time
-    (:meth:`TrainingClient.save_state` waits for the previous one), so reuse is safe.
-    """
+class _StagingBuffers:
+    """CPU buffers a background save copies the train state into, kept from one save to the
+    next (fresh buffers would page-fault on every byte; DCP's caching stager pins memory, which
+    needs an accelerator). One save is in flight at a time (:meth:`TrainingClient.save_state`
+    waits for the previous one), so reuse is safe."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._buffers: dict[str, Any] | None = None
         self._layout: Any = None
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         layout = _layout_of(state_dict)
         if self._buffers is None or layout != self._layout:
             self._buffers = _create_cpu_state_dict(state_dict)

@@ -281,10 +281,7 @@ class ResumableRun:
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules)
-        distributed.on_main(lambda: (
-            record_run_fields(self.log_path, job_id=self.client.job_id,
-                              total_steps=self.total_steps),
-            self._remove_incomplete_checkpoints()))
+        distributed.on_main(self._record_job)
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
             start = self.checkpoints.resume(self.resume_row)
@@ -334,6 +331,12 @@ class ResumableRun:
         if job.base_model != self.config.base_model or job.lora_rank != lora_rank:
             return None
         return job.job_id
+
+    def _record_job(self) -> None:
+        """Note the trainer job in run.json and drop its half-written checkpoints (rank 0)."""
+        assert self.client is not None
+        record_run_fields(self.log_path, job_id=self.client.job_id, total_steps=self.total_steps)
+        self._remove_incomplete_checkpoints()
 
     def _remove_incomplete_checkpoints(self) -> None:
         """Delete this run's job's checkpoint directories that have no ``meta.json``.
