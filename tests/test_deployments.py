@@ -356,6 +356,95 @@ def test_vllm_engine_hotloads_and_samples(store_root, tiny_model_dir) -> None:
     out = deployment.sample(PROMPTS, SamplingParams(max_tokens=4, seed=0), num_samples=2)
     assert [len(seqs) for seqs in out] == [2, 2]
     assert all(len(s.tokens) == len(s.logprobs) for seqs in out for s in seqs)
+    steps: list[list[int]] = []
+    streamed = deployment.sample(PROMPTS[:1], SamplingParams(max_tokens=4, seed=0),
+                                 on_token=steps.append)
+    assert [step[0] for step in steps][:len(streamed[0][0].tokens)] == streamed[0][0].tokens
+
+
+class _FakeVLLMEngine:
+    """Stands in for vLLM's LLMEngine: DELTA outputs, each sample of a request on its own, as
+    vLLM reports them for n > 1; request "b" finishes a step later than request "a"."""
+
+    def __init__(self, fail_at_step: int | None = None) -> None:
+        self.requests: dict[str, tuple[dict, object]] = {}
+        self.steps = 0
+        self.fail_at_step = fail_at_step
+        self.aborted: list[str] = []
+
+    def add_request(self, request_id, prompt, params) -> None:
+        self.requests[request_id] = (prompt, params)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.steps < 3
+
+    def step(self):
+        from types import SimpleNamespace as NS
+
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            raise RuntimeError("engine died")
+        outputs = []
+        for i, (request_id, (prompt, params)) in enumerate(self.requests.items()):
+            length = 2 + i  # request i makes 2 + i tokens, one per step
+            if self.steps > length:
+                continue
+            for index in range(params.n):
+                token = prompt["prompt_token_ids"][0] * 100 + index * 10 + self.steps
+                done = self.steps == length
+                outputs.append(NS(request_id=request_id, finished=False, outputs=[NS(
+                    index=index, token_ids=[token], logprobs=[{token: NS(logprob=-0.5)}],
+                    finish_reason="length" if done else None)]))
+            outputs[-1].finished = self.steps == length
+        return outputs
+
+    def abort_request(self, request_ids) -> None:
+        self.aborted += request_ids
+
+
+def _fake_vllm_engine(monkeypatch, fake: _FakeVLLMEngine):
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from training.sdk.deployments import VLLMEngine
+
+    class Params:
+        def __init__(self, **kwargs) -> None:
+            self.__dict__.update(kwargs)
+
+    vllm = ModuleType("vllm")
+    vllm.SamplingParams = Params
+    sampling = ModuleType("vllm.sampling_params")
+    sampling.RequestOutputKind = SimpleNamespace(DELTA="delta")
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.llm = SimpleNamespace(llm_engine=fake)
+    engine.tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    return engine
+
+
+def test_vllm_engine_streams_each_step_to_the_callback(monkeypatch) -> None:
+    """The vLLM engine's streaming loop (the engine itself needs a GPU: a stand-in here)."""
+    fake = _FakeVLLMEngine()
+    engine = _fake_vllm_engine(monkeypatch, fake)
+    steps: list[list[int]] = []
+    out = engine.generate([[1], [2]], SamplingParams(max_tokens=3), num_samples=2,
+                          on_token=steps.append)
+    # Rows prompt-major; prompt 1 made 2 tokens, prompt 2 made 3: its last step pads rows 0-1.
+    assert steps == [[101, 111, 201, 211], [102, 112, 202, 212], [0, 0, 203, 213]]
+    assert [[s.tokens for s in seqs] for seqs in out] == [[[101, 102], [111, 112]],
+                                                         [[201, 202, 203], [211, 212, 213]]]
+    assert all(s.logprobs == [-0.5] * len(s.tokens) and s.stop_reason == "length"
+               for seqs in out for s in seqs)
+    assert all(params.output_kind == "delta" for _, params in fake.requests.values())
+    assert fake.aborted == []
+
+    failing = _FakeVLLMEngine(fail_at_step=2)
+    engine = _fake_vllm_engine(monkeypatch, failing)
+    with pytest.raises(RuntimeError, match="engine died"):
+        engine.generate([[1], [2]], SamplingParams(max_tokens=3), on_token=lambda _: None)
+    assert sorted(failing.aborted) == sorted(failing.requests)  # the engine is freed
 
 
 def test_prompt_logprobs_equal_a_forward_pass(setup, store_root) -> None:

@@ -64,7 +64,8 @@ __all__ = [
 
 DeploymentState = Literal["READY", "SCALED_TO_ZERO", "DELETED"]
 TokenCallback = Callable[[list[int]], None]
-"""Called once per decoding step with the new token of every row of the batch."""
+"""Called once per decoding step with the new token of every row of the batch (rows in
+prompt-major order; a row that has finished gets the pad token)."""
 
 
 class DeploymentError(Exception):
@@ -350,8 +351,6 @@ class VLLMEngine(InferenceEngine):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  num_samples: int = 1, on_token: TokenCallback | None = None,
                  ) -> list[list[SampledSequence]]:
-        if on_token is not None:
-            raise NotImplementedError("token streaming is not wired for the vLLM engine")
         from vllm import SamplingParams as VLLMSamplingParams
 
         vllm_params = VLLMSamplingParams(
@@ -359,20 +358,63 @@ class VLLMEngine(InferenceEngine):
             top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
             seed=params.seed, stop=params.stop_strings() or None,
             stop_token_ids=params.stop_token_ids() or None, logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
-                                    vllm_params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            sequences = []
-            for completion in output.outputs:
-                tokens = list(completion.token_ids)
-                logprobs = [step[token].logprob
-                            for step, token in zip(completion.logprobs, tokens, strict=True)]
-                reason = "length" if completion.finish_reason == "length" else "stop"
-                sequences.append(SampledSequence(stop_reason=reason, tokens=tokens,
-                                                 logprobs=logprobs))
-            results.append(sequences)
-        return results
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        if on_token is not None:
+            rows = self._generate_streaming(requests, vllm_params, num_samples, on_token)
+        else:
+            rows = [(list(c.token_ids), list(c.logprobs or []), c.finish_reason)
+                    for output in self.llm.generate(requests, vllm_params, use_tqdm=False)
+                    for c in sorted(output.outputs, key=lambda c: c.index)]
+        sequences = []
+        for tokens, steps, finish_reason in rows:
+            logprobs = [step[token].logprob for step, token in zip(steps, tokens, strict=True)]
+            sequences.append(SampledSequence(
+                stop_reason="length" if finish_reason == "length" else "stop",
+                tokens=tokens, logprobs=logprobs))
+        return [sequences[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+    def _generate_streaming(self, requests: list[dict[str, Any]], vllm_params: Any,
+                            num_samples: int, on_token: TokenCallback,
+                            ) -> list[tuple[list[int], list[Any], str | None]]:
+        """``LLM.generate``'s engine loop, stepped by hand so each step's new tokens reach
+        ``on_token``. Rows are prompt-major, like the transformers engine's; a row with no new
+        token in a step (finished, or not scheduled yet) gets the pad token. Returns each row's
+        tokens, per-token logprob dicts and finish reason."""
+        from vllm.sampling_params import RequestOutputKind
+
+        # DELTA outputs: each step hands over only what is new, also for n > 1, where vLLM
+        # reports every sample on its own (a cumulative output would not hold all n at the end).
+        vllm_params.output_kind = RequestOutputKind.DELTA
+        engine = self.llm.llm_engine
+        ids = [f"homefire-{secrets.token_hex(6)}-{i}" for i in range(len(requests))]
+        first_row = {request_id: i * num_samples for i, request_id in enumerate(ids)}
+        rows: list[tuple[list[int], list[Any], list[str | None]]] = [
+            ([], [], [None]) for _ in range(len(requests) * num_samples)]
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        unfinished = set(ids)
+        for request_id, request in zip(ids, requests, strict=True):
+            engine.add_request(request_id, request, vllm_params)
+        try:
+            while engine.has_unfinished_requests():
+                fresh: dict[int, list[int]] = {}
+                for output in engine.step():
+                    for completion in output.outputs:
+                        r = first_row[output.request_id] + completion.index
+                        tokens, logprobs, reason = rows[r]
+                        tokens.extend(completion.token_ids)
+                        logprobs.extend(completion.logprobs or [])
+                        reason[0] = completion.finish_reason or reason[0]
+                        fresh.setdefault(r, []).extend(completion.token_ids)
+                    if output.finished:
+                        unfinished.discard(output.request_id)
+                for k in range(max((len(t) for t in fresh.values()), default=0)):
+                    on_token([fresh[r][k] if k < len(fresh.get(r, ())) else pad
+                              for r in range(len(rows))])
+        finally:
+            if unfinished:  # an error or an interrupt: free the engine for the next request
+                engine.abort_request(sorted(unfinished))
+        return [(tokens, logprobs, reason[0]) for tokens, logprobs, reason in rows]
 
     def close(self) -> None:
         del self.llm
