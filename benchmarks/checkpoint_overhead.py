@@ -6,17 +6,17 @@ Runs the SFT recipe in child processes on the same model and data:
 1. ``dcp_save_interval=0`` (no periodic saves) for N steps;
 2. ``dcp_save_interval=1`` with synchronous saves (a save after every step);
 3. ``dcp_save_interval=K`` with synchronous saves, and 4. the same with async saves
-   (``infra.async_checkpoint=true``, the default): the stall per save is the extra wall time
-   over (1) divided by the number of saves; the async stall is printed as a fraction of the
-   synchronous one (issue #7's target: at most 10%);
+   (``infra.async_checkpoint=true``, the default): the wall overhead per save is the extra wall
+   time over (1) divided by the number of saves (medians of ``--repeats`` alternating runs);
 5. a rerun of (4) with 3 more steps: the time from process start to the first resumed step.
 
 Then, in this process, a training client saves every ``--interval`` steps, alternating
 synchronous and async rounds: the *stall* of a save is the time training waits for it (a sync
 ``save_state``; for an async save, its call plus the next ``optim_step`` waiting for the state
-copy, as ``TrainingClient.save_stall_s`` counts them); the *overhead* is the extra wall
-time of the round over a round without saves, per save (for async saves it includes the CPU the
-background write takes from the training threads on this 2-core machine).
+copy, as ``TrainingClient.save_stall_s`` counts them), printed as a fraction of the synchronous
+one (issue #7's target: at most 10%); the *overhead* is the extra wall time of the round over a
+round without saves, per save (for async saves it includes the CPU the background write takes
+from the training threads on this 2-core machine).
 
     .venv/bin/python benchmarks/checkpoint_overhead.py --steps 20 --interval 5
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,6 @@ def _launch(args: argparse.Namespace, log_path: Path, store: Path, interval: int
 def measure_stall(args: argparse.Namespace, store: Path, rounds: int = 3) -> dict[str, float]:
     """Median blocking time per save and wall overhead per save, sync vs async, in process."""
     import random
-    import statistics
 
     import torch
 
@@ -79,16 +79,22 @@ def measure_stall(args: argparse.Namespace, store: Path, rounds: int = 3) -> dic
     clients = {mode: ServiceClient(str(store / mode), async_saves=mode == "async")
                .create_training_client(args.model) for mode in ("sync", "async")}
 
+    saved = 0
+
     def train_round(client, save: bool) -> tuple[float, list[float]]:
         """2 x interval + 1 steps, saving after steps interval and 2 x interval (each save is
         followed by a step: an async save's stall ends at the next optim_step's wait)."""
+        nonlocal saved
         stalls, start, stalled = [], time.perf_counter(), client.save_stall_s
         for step in range(1, 2 * args.interval + 2):
             client.forward_backward(datums).result()
             client.optim_step(AdamParams(learning_rate=1e-4)).result()
             if save and step % args.interval == 0:
+                # A new name per save, as recipes use (step-N): re-saving a name first deletes
+                # the old checkpoint's files, which is not what a run's saves cost.
+                saved += 1
                 t = time.perf_counter()
-                client.save_state(f"s{step}")
+                client.save_state(f"save-{saved}")
                 if not client.async_saves:
                     stalls.append(time.perf_counter() - t)
         client.wait_for_saves()
@@ -120,6 +126,8 @@ def main() -> None:
     parser.add_argument("--model", default="homefire/tiny-qwen3-10m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating runs of each recipe-level configuration")
     parser.add_argument("--interval", type=int, default=5,
                         help="dcp_save_interval of the sync/async comparison")
     parser.add_argument("--async-saves", action="store_true", help=argparse.SUPPRESS)
@@ -138,22 +146,29 @@ def main() -> None:
     store = tmp / "store"
     runs = {"none": (0, False), "sync-every-step": (1, False),
             "sync": (args.interval, False), "async": (args.interval, True)}
-    wall: dict[str, float] = {}
-    for name, (interval, async_saves) in runs.items():
-        log = tmp / name
-        _launch(args, log, store, interval, args.steps, tmp / f"out-{name}.json", async_saves)
-        rows = _rows(log)
-        # Steps 2..N (the first step pays one-off warm-up costs), and the final step's
-        # periodic save is excluded: its row is written before that save starts.
-        wall[name] = rows[-1]["time"] - rows[0]["time"]
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    # Whole runs alternate, --repeats times: a run's wall time moves by ~0.5 s from one run
+    # to the next on this machine, as much as its few saves cost, so one run of each says little.
+    for repeat in range(args.repeats):
+        for name, (interval, async_saves) in runs.items():
+            if name == "sync-every-step" and repeat:
+                continue  # its saves dwarf the noise
+            log = tmp / f"{name}-{repeat}"
+            _launch(args, log, store, interval, args.steps, tmp / f"out-{name}.json",
+                    async_saves)
+            rows = _rows(log)
+            # Steps 2..N (the first step pays one-off warm-up costs), and the final step's
+            # periodic save is excluded: its row is written before that save starts.
+            walls[name].append(rows[-1]["time"] - rows[0]["time"])
+    wall = {name: statistics.median(values) for name, values in walls.items()}
     steps = args.steps - 1
     saves = len([s for s in range(1, args.steps) if s % args.interval == 0])
     stall = {name: (wall[name] - wall["none"]) / saves for name in ("sync", "async")}
     every = (wall["sync-every-step"] - wall["none"]) / steps
 
-    resumed = _launch(args, tmp / "async", store, args.interval, args.steps + 3,
+    resumed = _launch(args, tmp / "async-0", store, args.interval, args.steps + 3,
                       tmp / "out-resume.json", async_saves=True)
-    rows = _rows(tmp / "async")
+    rows = _rows(tmp / "async-0")
     first_resumed = next(r for r in rows if r["step"] == args.steps + 1)
     to_main = resumed["main_start"] - resumed["process_start"]
     to_first_step = first_resumed["time"] - resumed["process_start"]
@@ -163,9 +178,11 @@ def main() -> None:
     print(f"step time, no saves:              {wall['none'] / steps:.3f} s")
     print(f"step time, sync save every step:  {wall['sync-every-step'] / steps:.3f} s "
           f"({wall['sync-every-step'] / wall['none']:.2f}x; ~{every:.3f} s per save)")
-    print(f"recipe wall overhead per save, every {args.interval} steps: sync "
-          f"{stall['sync']:.3f} s, async {stall['async']:.3f} s")
-    print(f"  (async / sync: {stall['async'] / stall['sync']:.2f})")
+    print(f"recipe wall overhead per save, every {args.interval} steps (medians of "
+          f"{args.repeats} runs): sync {stall['sync']:.3f} s, async {stall['async']:.3f} s")
+    print(f"  (async / sync: {stall['async'] / stall['sync']:.2f}; run walls: "
+          + ", ".join(f"{name} {' '.join(f'{w:.2f}' for w in values)} s"
+                      for name, values in walls.items() if name != "sync-every-step") + ")")
     print(f"resume: process start -> main() {to_main:.2f} s (imports); "
           f"-> first resumed step done {to_first_step:.2f} s")
 
