@@ -129,27 +129,58 @@ def test_lost_rank_stops_the_run_and_the_rerun_resumes(runs):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_dpo_on_two_ranks_matches_one_process(runs, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_dpo_on_two_ranks_matches_one_process(runs, lora_rank):
+    """With LoRA, the reference is the policy's own (sharded) model with its adapter off."""
     prefs = runs / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({
         "input": {"messages": [{"role": "user", "content": f"Say {i}."}]},
         "preferred_output": [{"role": "assistant", "content": f"{i}."}],
         "non_preferred_output": [{"role": "assistant", "content": f"No, {i + 1}."}]}) + "\n"
         for i in range(32)))
-    extra = (f"dataset={prefs}", "max_steps=4")
-    one = _launch(runs, "dpo-one", ranks=1, recipe="dpo_loop", extra=extra)
-    two = _launch(runs, "dpo-two", ranks=2, recipe="dpo_loop", extra=extra)
+    extra = (f"dataset={prefs}", "max_steps=4", f"lora_rank={lora_rank}")
+    one = _launch(runs, f"dpo-one-{lora_rank}", ranks=1, recipe="dpo_loop", extra=extra)
+    two = _launch(runs, f"dpo-two-{lora_rank}", ranks=2, recipe="dpo_loop", extra=extra)
     _ok(one), _ok(two)
-    for a, b in zip(read_metrics(runs / "dpo-one"), read_metrics(runs / "dpo-two"),
-                    strict=True):
+    for a, b in zip(read_metrics(runs / f"dpo-one-{lora_rank}"),
+                    read_metrics(runs / f"dpo-two-{lora_rank}"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["preference_accuracy"] == a["preference_accuracy"]
 
 
-def test_lora_under_torchrun_is_refused_clearly(runs):
-    proc = _launch(runs, "lora", ranks=2, extra=("lora_rank=4",))
-    assert proc.returncode != 0
-    assert "LoRA training is single-process for now" in proc.stdout + proc.stderr
+def test_lora_on_two_ranks_trains_like_one_process(runs):
+    """LoRA under FSDP2: frozen base and adapters sharded alike; the adapter snapshot is
+    gathered onto rank 0 and is the same PEFT directory one process writes."""
+    from safetensors.torch import load_file
+
+    extra = ("lora_rank=4", "max_steps=4")
+    _ok(_launch(runs, "lora-one", ranks=1, extra=extra))
+    _ok(_launch(runs, "lora-two", ranks=2, extra=extra))
+    for a, b in zip(read_metrics(runs / "lora-one"), read_metrics(runs / "lora-two"),
+                    strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    store = CheckpointStore(str(runs / "store"))
+    adapters = []
+    for log in ("lora-one", "lora-two"):
+        final = checkpoint_rows(runs / log)[-1]
+        directory = Path(store.sampler_dir(final["source_job_id"], final["sampler_path"]))
+        assert (directory / "adapter_config.json").exists()
+        adapters.append(load_file(directory / "adapter_model.safetensors"))
+    assert adapters[0] and all("lora_" in k for k in adapters[0])
+    _assert_close(*adapters)
+
+
+def test_lora_rl_on_two_ranks_starts_like_one_process(runs):
+    """Each rank hotloads the adapter snapshots rank 0 writes into its own deployment."""
+    extra = (f"dataset={SAMPLE_RL_PROMPTS_PATH}", "max_steps=2", "lora_rank=4")
+    _ok(_launch(runs, "rl-lora-one", ranks=1, recipe="rl_loop", extra=extra))
+    _ok(_launch(runs, "rl-lora-two", ranks=2, recipe="rl_loop", extra=extra))
+    one, two = read_metrics(runs / "rl-lora-one"), read_metrics(runs / "rl-lora-two")
+    assert two[0]["reward_mean"] == one[0]["reward_mean"]
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
+    # The second step samples from the adapter trained at step 1, hotloaded on both ranks.
+    assert two[1]["reward_mean"] == pytest.approx(one[1]["reward_mean"], rel=1e-4)
 
 
 def test_shard_range_covers_every_item_once():

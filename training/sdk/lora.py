@@ -69,10 +69,14 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def save_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+def save_adapter(model: torch.nn.Module, directory: str | Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-    that ``PeftModel.from_pretrained(base, directory)`` loads."""
-    model.save_pretrained(str(directory), safe_serialization=True)
+    that ``PeftModel.from_pretrained(base, directory)`` loads.
+
+    ``state_dict``: the model's (trainable) weights as full tensors, when the model's own are
+    sharded across ranks (FSDP2); by default they are read from ``model``."""
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
 
 
 def load_adapter_weights(model: torch.nn.Module, directory: str | Path) -> None:

@@ -119,11 +119,6 @@ class ServiceClient:
                 raise ValueError(f"job {job_id!r} trains base_model={job.base_model!r}, "
                                  f"lora_rank={job.lora_rank}; cannot reattach it for "
                                  f"base_model={base_model!r}, lora_rank={lora_rank}")
-        if lora_rank > 0 and self.world.distributed:
-            raise ValueError(f"lora_rank={lora_rank} under torchrun (world size "
-                             f"{self.world.world_size}): LoRA training is single-process for "
-                             f"now; launch without torchrun, or train all weights "
-                             f"(lora_rank=0) across processes")
         tokenizer = load_tokenizer(tokenizer_model or base_model, self.store)
         model = load_causal_lm(base_model, self.store, dtype=torch.float32, device=self.device)
         if job_id is None:

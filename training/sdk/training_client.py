@@ -684,7 +684,7 @@ class TrainingClient:
         lora = self.job.lora_rank > 0
         # An adapter is saved as itself; only full-parameter snapshots need a weights copy.
         # Under torchrun the full weights are gathered to rank 0, which alone writes them.
-        weights = {} if lora else self._sampler_weights()
+        weights = self._adapter_weights() if lora else self._sampler_weights()
         extra: dict[str, Any] = {"step": self._step,
                                  "dtype": str(self.sampler_dtype).removeprefix("torch.")}
 
@@ -692,7 +692,7 @@ class TrainingClient:
             try:
                 with self.store.staging_dir(entry_dir) as local, progress_bars_disabled():
                     if lora:
-                        save_adapter(self.model, local)
+                        save_adapter(self.model, local, weights or None)
                         self.tokenizer.save_pretrained(local)
                     elif resolved == "base":
                         write_base_snapshot(local, self.model, self.tokenizer, weights)
@@ -734,6 +734,17 @@ class TrainingClient:
         names |= {name for name, _ in self.model.named_buffers()}
         return {k: (v.to(self.sampler_dtype) if v.is_floating_point() else v).contiguous()
                 for k, v in full.items() if k in names}
+
+    def _adapter_weights(self) -> dict[str, torch.Tensor]:
+        """Under torchrun, the full trainable (adapter) weights gathered from every rank onto
+        rank 0's CPU (other ranks get an empty dict); for one process, an empty dict: the
+        adapter is saved straight from the model."""
+        if not self.world.distributed:
+            return {}
+        with collective("gathering the adapter weights for a sampler snapshot"):
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        return full if self.world.is_main else {}
 
     @property
     def sampler_chain_head(self) -> str | None:
