@@ -326,11 +326,35 @@ def test_packing_puts_short_sequences_together_without_cross_attention(make_clie
     assert len(seen) == sum(lengths)
 
     client = make_client()
-    datums = [_datum(list(range(5, 5 + n))) for n in lengths]
-    packed = client.forward(datums).result()
-    for datum, out in zip(datums, packed.loss_fn_outputs, strict=True):
-        alone = client.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_torch()
-        torch.testing.assert_close(out["logprobs"].to_torch(), alone, atol=1e-5, rtol=0)
+    assert client._attention_cost is not None  # the client widens rows where that pays
+    for lengths in ([40, 10, 25, 7, 30], [100, 60, 60, 60]):
+        datums = [_datum(list(range(5, 5 + n))) for n in lengths]
+        packed = client.forward(datums).result()
+        for datum, out in zip(datums, packed.loss_fn_outputs, strict=True):
+            alone = client.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_torch()
+            torch.testing.assert_close(out["logprobs"].to_torch(), alone, atol=1e-5, rtol=0)
+
+
+def test_packing_widens_rows_when_that_leaves_less_padding():
+    from training.sdk.training_client import pack_sequences
+
+    # Rows as long as the longest (112) hold one sequence each: 4 x 112, 46% padding.
+    lengths = [100, 60, 60, 60]
+    inputs = [list(range(1, n + 1)) for n in lengths]
+    targets = [torch.tensor(t) for t in inputs]
+    assert pack_sequences(inputs, targets, pad_id=0).input_ids.shape == (4, 112)
+    # Costing a position at 1 + row_len / 1280: 2 rows of 160 (100 + 60, 60 + 60) are cheapest.
+    wide = pack_sequences(inputs, targets, pad_id=0, attention_cost=1280)
+    assert wide.input_ids.shape == (2, 160)
+    taken = [set() for _ in range(2)]
+    for (row, offset, length), tokens in zip(wide.placements, inputs, strict=True):
+        assert wide.input_ids[row, offset:offset + length].tolist() == tokens
+        assert not taken[row] & set(range(offset, offset + length))
+        taken[row] |= set(range(offset, offset + length))
+    # Equal lengths gain nothing from wider rows.
+    same = [list(range(1, 65))] * 3
+    assert pack_sequences(same, [torch.tensor(t) for t in same], pad_id=0,
+                          attention_cost=1280).input_ids.shape == (3, 64)
 
 
 def test_grad_clip_norm_bounds_the_update(store_root, tiny_model_dir):
