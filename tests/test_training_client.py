@@ -335,6 +335,24 @@ def test_packing_puts_short_sequences_together_without_cross_attention(make_clie
             torch.testing.assert_close(out["logprobs"].to_torch(), alone, atol=1e-5, rtol=0)
 
 
+def test_per_document_attention_trains_like_dense_masks(make_client):
+    """The CPU default (one row, attention per document) against rows with dense masks."""
+    client = make_client()
+    assert client._per_document_attention
+    datums = [_datum(list(range(5, 5 + n))) for n in (40, 10, 25, 7, 30)]
+    results = {}
+    for per_document in (True, False):
+        client._per_document_attention = per_document
+        out = client.forward_backward(datums).result()
+        grads = {n: p.grad.clone() for n, p in client.model.named_parameters()}
+        client.model.zero_grad(set_to_none=True)
+        results[per_document] = ([o["logprobs"].to_torch() for o in out.loss_fn_outputs], grads)
+    for a, b in zip(results[True][0], results[False][0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], atol=1e-5, rtol=1e-4)
+
+
 def test_packing_widens_rows_when_that_leaves_less_padding():
     from training.sdk.training_client import pack_sequences
 
@@ -351,6 +369,11 @@ def test_packing_widens_rows_when_that_leaves_less_padding():
         assert wide.input_ids[row, offset:offset + length].tolist() == tokens
         assert not taken[row] & set(range(offset, offset + length))
         taken[row] |= set(range(offset, offset + length))
+    # For per-document attention everything shares one row; padding counts on as its own.
+    one_row = pack_sequences(inputs, targets, pad_id=0, per_document_attention=True)
+    assert one_row.input_ids.shape == (1, 288) and one_row.attention_mask is None
+    assert one_row.placements == [(0, 0, 100), (0, 100, 60), (0, 160, 60), (0, 220, 60)]
+    assert one_row.position_ids[0, 220:].tolist() == [*range(60), *range(8)]
     # Equal lengths gain nothing from wider rows.
     same = [list(range(1, 65))] * 3
     assert pack_sequences(same, [torch.tensor(t) for t in same], pad_id=0,

@@ -8,6 +8,7 @@ raised at the call, never parked in a future that nobody reads.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import pickle
 import secrets
@@ -37,6 +38,7 @@ from training.sdk import distributed
 from training.sdk.distributed import collective
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
+from training.sdk.packed_attention import packed_attention, supports_packed_attention
 from training.sdk.snapshots import (
     encode_delta,
     make_snapshot_identity,
@@ -156,9 +158,12 @@ class TrainingClient:
         # gather of the logits into the lm_head's epilogue (and the same in backward).
         self._token_logprobs = (torch.compile(token_logprobs, dynamic=True) if compile
                                 else token_logprobs)
+        # Attention per document where the model allows it (no dense mask, no padding but
+        # rounding); otherwise rows with block-diagonal masks.
+        self._per_document_attention = supports_packed_attention(model, device)
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        # Measured on CPU (10M model, d=256): a 416-wide row cost 1.10x a 256-wide one per
-        # position, i.e. ~5 * hidden_size; a GPU's fused attention makes width cheaper still.
+        # Measured on CPU (10M model, d=256): a 416-wide masked row cost 1.10x a 256-wide one
+        # per position, i.e. ~5 * hidden_size.
         self._attention_cost = 5.0 * hidden if isinstance(hidden, int) else None
         self._pending_saves: list[Future[SaveStateResponse]] = []
         self._staging = _StagingBuffers()
@@ -279,14 +284,18 @@ class TrainingClient:
                    shifted: list[bool]) -> list[torch.Tensor]:
         """One packed forward pass; the log-prob of each sequence's targets."""
         batch = pack_sequences(inputs, targets, pad_id=self.tokenizer.pad_token_id or 0,
-                               attention_cost=self._attention_cost)
+                               attention_cost=self._attention_cost,
+                               per_document_attention=self._per_document_attention)
         adapter_off = adapter_disabled(self.model) if self.adapter_disabled else nullcontext()
-        with adapter_off, collective("running the forward pass"), torch.autocast(
+        attention = (packed_attention(self.model) if self._per_document_attention
+                     else nullcontext())
+        mask = batch.attention_mask
+        with adapter_off, attention, collective("running the forward pass"), torch.autocast(
                 self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                 enabled=self.autocast_dtype is not None):
             token_logprobs = self._token_logprobs(batch.input_ids.to(self.device),
                                                   batch.position_ids.to(self.device),
-                                                  batch.attention_mask.to(self.device),
+                                                  None if mask is None else mask.to(self.device),
                                                   batch.target_ids.to(self.device))
         per_datum = []
         for i, (row, offset, length) in enumerate(batch.placements):
@@ -771,37 +780,53 @@ class PackedBatch:
     """[rows, row_len] the target of each position (0 on padding)."""
     position_ids: torch.Tensor
     """[rows, row_len] positions that restart at 0 for every sequence."""
-    attention_mask: torch.Tensor
-    """[rows, 1, row_len, row_len] bool: causal within a sequence, nothing across sequences."""
+    attention_mask: torch.Tensor | None
+    """[rows, 1, row_len, row_len] bool: causal within a sequence, nothing across sequences
+    (None when packed for per-document attention: the position ids say where each starts)."""
     placements: list[tuple[int, int, int]]
     """(row, offset, length) of each input sequence, in input order."""
 
 
 def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tensor], *,
-                   pad_id: int, multiple_of: int = 16,
-                   attention_cost: float | None = None) -> PackedBatch:
-    """Pack sequences first-fit-decreasing into rows, each sequence attending only to itself.
+                   pad_id: int, multiple_of: int = 16, attention_cost: float | None = None,
+                   per_document_attention: bool = False) -> PackedBatch:
+    """Pack sequences into rows, each sequence attending only to itself.
 
-    Short sequences share rows instead of padding alone (chat batches are often half padding).
-    Rows are as long as the longest sequence, or, with ``attention_cost``, up to twice that when
-    wider rows leave less padding: a position costs ``1 + row_len / attention_cost`` (the
-    attention over the whole row, masked or not, grows with its length; about ``5 *
-    hidden_size`` on CPU), and the row length with the least total cost wins. Row lengths are
-    multiples of ``multiple_of`` so bf16 kernels see few distinct shapes. Per-sequence results
-    equal those of running each sequence alone, up to float rounding.
+    With ``per_document_attention`` (the model attends within each document itself, see
+    :mod:`training.sdk.packed_attention`) every sequence goes into one row, back to back: no
+    padding but the rounding of its length. Otherwise rows carry a block-diagonal causal mask
+    and sequences are packed first-fit-decreasing: short sequences share rows instead of
+    padding alone (chat batches are often half padding). Rows are then as long as the longest
+    sequence, or, with ``attention_cost``, up to twice that when wider rows leave less padding: a
+    position costs ``1 + row_len / attention_cost`` (the masked attention over the whole row
+    grows with its length; about ``5 * hidden_size`` on CPU), and the row length with the least
+    total cost wins. Row lengths are multiples of ``multiple_of`` so kernels see few distinct
+    shapes. Position ids restart at 0 for every sequence and for the padding after the last one.
+    Per-sequence results equal those of running each sequence alone, up to float rounding.
     """
     lengths = [len(t) for t in inputs]
-    row_len = _packed_row_length(lengths, multiple_of, attention_cost)
-    placements, rows = _first_fit_decreasing(lengths, row_len)
+    if per_document_attention:
+        row_len = -(-sum(lengths) // multiple_of) * multiple_of
+        offsets = [0, *itertools.accumulate(lengths)][:-1]
+        placements, rows = [(0, o, n) for o, n in zip(offsets, lengths, strict=True)], 1
+    else:
+        row_len = _packed_row_length(lengths, multiple_of, attention_cost)
+        placements, rows = _first_fit_decreasing(lengths, row_len)
     input_ids = torch.full((rows, row_len), pad_id, dtype=torch.long)
     target_ids = torch.zeros((rows, row_len), dtype=torch.long)
     position_ids = torch.zeros((rows, row_len), dtype=torch.long)
     segment = torch.full((rows, row_len), -1, dtype=torch.long)
+    used = [0] * rows
     for i, (row, offset, length) in enumerate(placements):
         input_ids[row, offset:offset + length] = torch.as_tensor(inputs[i], dtype=torch.long)
         target_ids[row, offset:offset + length] = targets[i]
         position_ids[row, offset:offset + length] = torch.arange(length)
         segment[row, offset:offset + length] = i
+        used[row] = max(used[row], offset + length)
+    for row, end in enumerate(used):
+        position_ids[row, end:] = torch.arange(row_len - end)
+    if per_document_attention:
+        return PackedBatch(input_ids, target_ids, position_ids, None, placements)
     index = torch.arange(row_len)
     causal = index[None, :] <= index[:, None]
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
@@ -811,7 +836,8 @@ def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tens
 
 
 def _token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
+                    ) -> torch.Tensor:
     """``[rows, row_len]`` log-probs (fp32) of ``target_ids`` under ``model``'s logits."""
     logits = model(input_ids=input_ids, position_ids=position_ids,
                    attention_mask=attention_mask, use_cache=False).logits
