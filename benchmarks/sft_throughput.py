@@ -4,8 +4,8 @@ Each contender runs in its own child process (fresh memory, same thread count), 
 rounds, on the same model, data, max length and batch of 8 sequences with assistant-only loss:
 
 - ``ours``: ``training.recipes.sft_loop.main`` with resumable checkpoints on
-  (``dcp_save_interval=10``, async saves: the default), per-document boundaries kept (packing
-  with position resets and block-diagonal masks);
+  (``dcp_save_interval=10``, async saves: the default), per-document boundaries kept (each
+  step's conversations packed in one row, attention per document, position resets);
 - ``ours-compiled``: the same with ``infra.compile=true`` (torch.compile; the one-off compile
   falls in the untimed warm-up steps);
 - ``trl-default``: TRL ``SFTTrainer`` with its defaults (gradient checkpointing on);
