@@ -183,6 +183,33 @@ def test_lora_rl_on_two_ranks_starts_like_one_process(runs):
     assert two[1]["reward_mean"] == pytest.approx(one[1]["reward_mean"], rel=1e-4)
 
 
+def test_two_nodes_with_c10d_rendezvous_train_like_one_standalone_launch(runs):
+    """The README's multi-node command, as two 'nodes' of one process each on loopback."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [f"log_path={runs / 'nodes'}", f"base_model={TEST_MODEL}",
+            f"dataset={runs / 'chats.jsonl'}", "batch_size=4", f"max_steps={STEPS}",
+            "dcp_save_interval=2", "learning_rate=1e-3", "seed=3",
+            f"infra.storage_root={runs / 'store'}", "infra.num_threads=1",
+            "infra.mixed_precision=no"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOMEFIRE_FAULT_POINT", "HOMEFIRE_FAULT_RANK")}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+         "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+         "--rdzv_id=homefire-test", "-m", "recipes.sft_loop", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    two, nodes_run = read_metrics(runs / "two"), read_metrics(runs / "nodes")
+    assert [m["loss"] for m in nodes_run] == pytest.approx([m["loss"] for m in two], rel=1e-6)
+    assert [r["step"] for r in checkpoint_rows(runs / "nodes")] == [2, 4, 6]
+
+
 def test_shard_range_covers_every_item_once():
     for count in range(0, 9):
         for size in (1, 2, 3):
