@@ -1,4 +1,5 @@
-"""The checkpoint store on s3://, against a local S3-compatible server (moto) on loopback."""
+"""Stores on fsspec URLs: s3:// against a local S3-compatible server (moto) on loopback, and
+file://."""
 
 from __future__ import annotations
 
@@ -70,7 +71,18 @@ def _rows(log_path: str) -> list[dict]:
 
 
 def test_sft_resume_and_promotion_on_s3(tmp_path, s3_endpoint, tiny_model_dir):
-    root = f"s3://{BUCKET}/{tmp_path.name}"
+    store = _resume_and_promote(tmp_path, f"s3://{BUCKET}/{tmp_path.name}")
+    assert not store.is_local
+
+
+def test_sft_resume_and_promotion_on_a_file_url(tmp_path, tiny_model_dir):
+    store = _resume_and_promote(tmp_path, f"file://{tmp_path}/store")
+    assert store.is_local and (tmp_path / "store" / "jobs").is_dir()
+
+
+def _resume_and_promote(tmp_path: Path, root: str) -> CheckpointStore:
+    """An SFT run rolled back to its first checkpoint and rerun ends bitwise equal to an
+    uninterrupted one; its promoted model lands in the store and loads from there."""
     reference = main(_config(tmp_path, root, "reference"))
 
     interrupted = _config(tmp_path, root, "run")
@@ -82,7 +94,7 @@ def test_sft_resume_and_promotion_on_s3(tmp_path, s3_endpoint, tiny_model_dir):
     resumed = main(_config(tmp_path, root, "run", output_model_id="s3-sft-model"))
 
     store = CheckpointStore(root)
-    assert not store.is_local and store.list_states(rows[0]["source_job_id"])
+    assert store.list_states(rows[0]["source_job_id"])
     ref_final, got_final = _rows(reference.log_path)[-1], _rows(resumed.log_path)[-1]
     expected = load_snapshot_weights(store, f"sampler://{ref_final['source_job_id']}/"
                                             f"{ref_final['sampler_path']}")
@@ -98,6 +110,7 @@ def test_sft_resume_and_promotion_on_s3(tmp_path, s3_endpoint, tiny_model_dir):
     model = load_causal_lm(promoted["name"], store)
     for name, tensor in got.items():
         assert torch.equal(model.state_dict()[name].to(tensor.dtype), tensor), name
+    return store
 
 
 def test_two_ranks_save_sharded_states_to_s3_and_resume_on_one(tmp_path, s3_endpoint,
