@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,7 +143,16 @@ def main() -> None:
         run_child(args)
         return
 
+    # Every configuration writes GBs of checkpoints: remove them, even after a failure.
     tmp = Path(tempfile.mkdtemp(prefix="homefire-ckpt-bench-"))
+    try:
+        report(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, tmp: Path) -> None:
+    """Run every measurement in ``tmp`` and print the figures."""
     store = tmp / "store"
     runs = {"none": (0, False), "sync-every-step": (1, False),
             "sync": (args.interval, False), "async": (args.interval, True)}
