@@ -552,10 +552,11 @@ class TrainingClient:
     def _live_state_dicts(self) -> dict[str, Any]:
         """The model (and optimizer) state dicts of a train state: views of the live tensors.
 
-        Building them maps every parameter to its name (~12 ms for 10M params). The tensors they hold are the live parameters and
-        optimizer moments, which stay the same objects from step to step, so the dicts are
-        built once per optimizer (and once its moments exist) and reused; only the optimizer's
-        hyper-parameters, plain numbers copied into ``param_groups``, are refreshed each time.
+        Building them maps every parameter to its name (~12 ms for 10M params). The tensors
+        they hold are the live parameters and optimizer moments, which stay the same objects
+        from step to step, so the dicts are built once per optimizer (and once its moments
+        exist) and reused; only the optimizer's hyper-parameters, plain numbers copied into
+        ``param_groups``, are refreshed each time.
         """
         optimizer = self._optimizer
         key = (id(optimizer), len(optimizer.state) if optimizer is not None else 0)
@@ -815,18 +816,19 @@ def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tens
     input_ids = torch.full((rows, row_len), pad_id, dtype=torch.long)
     target_ids = torch.zeros((rows, row_len), dtype=torch.long)
     position_ids = torch.zeros((rows, row_len), dtype=torch.long)
-    segment = torch.full((rows, row_len), -1, dtype=torch.long)
     used = [0] * rows
     for i, (row, offset, length) in enumerate(placements):
         input_ids[row, offset:offset + length] = torch.as_tensor(inputs[i], dtype=torch.long)
         target_ids[row, offset:offset + length] = targets[i]
         position_ids[row, offset:offset + length] = torch.arange(length)
-        segment[row, offset:offset + length] = i
         used[row] = max(used[row], offset + length)
     for row, end in enumerate(used):
         position_ids[row, end:] = torch.arange(row_len - end)
     if per_document_attention:
         return PackedBatch(input_ids, target_ids, position_ids, None, placements)
+    segment = torch.full((rows, row_len), -1, dtype=torch.long)
+    for i, (row, offset, length) in enumerate(placements):
+        segment[row, offset:offset + length] = i
     index = torch.arange(row_len)
     causal = index[None, :] <= index[:, None]
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
