@@ -4,13 +4,16 @@
 
 Every figure is a ratio of two measurements taken in the same run, on the same machine:
 
-1. delta size / base size after one AdamW step at lr 1e-5 and at lr 1e-3 (bf16 snapshots;
-   fp32, and each delta encoding alone, for comparison). Sizes are of the files a save
-   writes: ``delta.bin`` + ``delta_manifest.json`` of the delta, the ``.safetensors`` weights
-   of the base. Target: <= 1/10 at lr 1e-5.
-2. hotload time of a delta / full reload time (a fresh engine from the base snapshot
-   directory, what restarting a deployment costs), and / in-place hotload of the base.
-   Target: <= 1/3 of the full reload.
+1. delta size / base size at lr 1e-5 and at lr 1e-3 (bf16 snapshots; fp32 for comparison),
+   in a run of 20 AdamW steps with a delta saved after each (what weight sync does): the
+   first delta after the base (Adam's first step moves every weight by ~lr: the largest) and
+   the median of the 20. Each delta is written with the default ``xor`` encoding and the same
+   weights encoded ``ulp`` beside it. Sizes are of the files a save writes: ``delta.bin`` +
+   ``delta_manifest.json`` of the delta, the ``.safetensors`` weights of the base.
+   Target: <= 1/10 at lr 1e-5.
+2. hotload time of a delta (``xor``, and ``ulp``) / full reload time (a fresh engine from the
+   base snapshot directory, what restarting a deployment costs), and / in-place hotload of
+   the base. Target: <= 1/3 of the full reload.
 3. batched sampling tokens/s (8 prompts x 32 new tokens in one batch) / the same prompts
    generated one at a time with plain ``model.generate``. Target: >= 2x.
 """
@@ -40,6 +43,7 @@ from training.sdk import (  # noqa: E402  (after the path fix)
 from training.sdk.deployments import TransformersEngine  # noqa: E402
 from training.sdk.snapshots import (  # noqa: E402
     DELTA_DATA_FILE,
+    DELTA_ENCODINGS,
     encode_delta,
     sampler_weights,
 )
@@ -67,55 +71,60 @@ def _file_bytes(directory: str, names: tuple[str, ...] | None = None, suffix: st
                if (names is None or f in names) and f.endswith(suffix))
 
 
-def delta_sizes(model: str, root: str) -> dict[str, float]:
-    """Bytes of a delta snapshot / bytes of the base snapshot's weights, one step per lr."""
-    ratios = {}
+def delta_sizes(model: str, root: str, steps: int = 20) -> dict[str, dict[str, list[float]]]:
+    """Bytes of each delta / bytes of the base's weights over ``steps`` steps, per sampler
+    dtype, lr and delta encoding."""
+    ratios: dict[str, dict[str, list[float]]] = {}
     for dtype in ("bfloat16", "float32"):
-        service = ServiceClient(os.path.join(root, f"sizes-{dtype}"), device="cpu",
-                                sampler_dtype=dtype)
-        client = service.create_training_client(model)
-        datums = _batch(len(client.get_tokenizer()))
         for lr in (1e-5, 1e-3):
-            base = client.save_weights_for_sampler_ext(f"base-{lr}", checkpoint_type="base")
+            service = ServiceClient(os.path.join(root, f"sizes-{dtype}-{lr:g}"), device="cpu",
+                                    sampler_dtype=dtype)
+            client = service.create_training_client(model)
+            vocab = len(client.get_tokenizer())
+            base = client.save_weights_for_sampler_ext("base", checkpoint_type="base")
             base_bytes = _file_bytes(service.store.sampler_dir(client.job_id, base.snapshot_name),
                                      suffix=".safetensors")
+            series = ratios[f"{dtype} lr={lr:g}"] = {"xor": [], "ulp": []}
             reference = sampler_weights(client.model, client.sampler_dtype)
-            _step(client, datums, lr)
-            delta = client.save_weights_for_sampler_ext(f"delta-{lr}")
-            delta_dir = service.store.sampler_dir(client.job_id, delta.snapshot_name)
-            ratios[f"{dtype} lr={lr:g}"] = _file_bytes(delta_dir, DELTA_FILES) / base_bytes
-            if dtype == "bfloat16":  # what each encoding alone would take
+            for step in range(steps):
+                _step(client, _batch(vocab, seed=step), lr)
+                delta = client.save_weights_for_sampler_ext(f"step-{step}")
+                delta_dir = service.store.sampler_dir(client.job_id, delta.snapshot_name)
+                series["xor"].append(_file_bytes(delta_dir, DELTA_FILES) / base_bytes)
                 new = sampler_weights(client.model, client.sampler_dtype)
-                for encodings in (("xor",), ("dense",), ("ternary",)):
-                    with tempfile.TemporaryDirectory() as tmp:
-                        encode_delta(new, reference, tmp, reference_identity=delta.path,
-                                     encodings=encodings)
-                        size = _file_bytes(tmp, DELTA_FILES)
-                    ratios[f"{dtype} lr={lr:g} ({encodings[0]} only)"] = size / base_bytes
+                with tempfile.TemporaryDirectory() as tmp:  # the same weights, encoded "ulp"
+                    encode_delta(new, reference, tmp, reference_identity=delta.path,
+                                 encodings=DELTA_ENCODINGS["ulp"])
+                    series["ulp"].append(_file_bytes(tmp, DELTA_FILES) / base_bytes)
+                reference = new
     return ratios
 
 
 def hotload_times(model: str, root: str, repeats: int = 5) -> dict[str, list[float]]:
-    """Seconds of each delta hotload, base hotload and full reload (``repeats`` of each)."""
-    service = ServiceClient(os.path.join(root, "hotload"), device="cpu",
-                            sampler_dtype="bfloat16")
-    client = service.create_training_client(model)
-    datums = _batch(len(client.get_tokenizer()))
-    base = client.save_weights_for_sampler_ext("base")
-    _step(client, datums, 1e-5)
-    delta = client.save_weights_for_sampler_ext("delta")
+    """Seconds of each delta hotload (per delta encoding), base hotload and full reload
+    (``repeats`` of each)."""
+    chains = {}
+    for encoding in DELTA_ENCODINGS:
+        service = ServiceClient(os.path.join(root, "hotload"), device="cpu",
+                                sampler_dtype="bfloat16", delta_encoding=encoding)
+        client = service.create_training_client(model)
+        base = client.save_weights_for_sampler_ext("base")
+        _step(client, _batch(len(client.get_tokenizer())), 1e-5)
+        delta = client.save_weights_for_sampler_ext("delta")
+        chains[encoding] = (base.path, delta.path)
+        base_dir = service.store.sampler_dir(client.job_id, base.snapshot_name)
     manager = DeploymentManager(service.store, device="cpu", engine="transformers")
     manager.create_deployment(model, "bench")
-    base_dir = service.store.sampler_dir(client.job_id, base.snapshot_name)
-    times: dict[str, list[float]] = {"delta hotload": [], "base hotload": [],
-                                     "full reload": []}
+    times: dict[str, list[float]] = {f"delta hotload ({e})": [] for e in chains}
+    times.update({"base hotload": [], "full reload": []})
     for _ in range(repeats):
-        started = time.perf_counter()
-        manager.hotload("bench", base.path, reset_prompt_cache=False)
-        times["base hotload"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        manager.hotload("bench", delta.path, reset_prompt_cache=False)
-        times["delta hotload"].append(time.perf_counter() - started)
+        for encoding, (base, delta) in chains.items():
+            started = time.perf_counter()
+            manager.hotload("bench", base, reset_prompt_cache=False)
+            times["base hotload"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            manager.hotload("bench", delta, reset_prompt_cache=False)
+            times[f"delta hotload ({encoding})"].append(time.perf_counter() - started)
         started = time.perf_counter()
         TransformersEngine.from_pretrained(base_dir, dtype=torch.float32)
         times["full reload"].append(time.perf_counter() - started)
@@ -157,23 +166,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="homefire/tiny-qwen3-10m")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="deltas per size run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="homefire-bench-") as root:
-        sizes = delta_sizes(args.model, root)
+        sizes = delta_sizes(args.model, root, args.steps)
         times = hotload_times(args.model, root)
         speed = sampling_throughput(args.model, root)
     spread = {k: f"{min(v) * 1000:.1f}-{max(v) * 1000:.1f}" for k, v in times.items()}
     times = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {args.model}, {args.threads} threads, load average at the end "
           f"{os.getloadavg()[0]:.2f}")
-    print("delta size / base size after one AdamW step:")
-    for name, ratio in sizes.items():
-        print(f"  {name:32s} {ratio:7.4f}  (1/{1 / ratio:.1f})")
+    print(f"delta size / base size, a delta after each of {args.steps} AdamW steps "
+          f"(first delta, median of all, last):")
+    for name, series in sizes.items():
+        for encoding, ratios in series.items():
+            first, median = ratios[0], statistics.median(ratios)
+            print(f"  {name:20s} {encoding:4s} first {first:.4f} (1/{1 / first:.1f})  median "
+                  f"{median:.4f} (1/{1 / median:.1f})  last {ratios[-1]:.4f}")
     print("hotload (median of 5, min-max): " + ", ".join(
         f"{k} {v * 1000:.1f} ms ({spread[k]})" for k, v in times.items()))
-    print(f"  delta hotload / full reload    {times['delta hotload'] / times['full reload']:.3f}")
-    print(f"  delta hotload / base hotload   {times['delta hotload'] / times['base hotload']:.3f}")
+    for encoding in DELTA_ENCODINGS:
+        delta = times[f"delta hotload ({encoding})"]
+        print(f"  delta hotload ({encoding}) / full reload {delta / times['full reload']:.3f}, "
+              f"/ base hotload {delta / times['base hotload']:.3f}")
     ratio = speed["batched tokens/s"] / speed["one-at-a-time tokens/s"]
     print(f"sampling: batched {speed['batched tokens/s']:.0f} tokens/s, one at a time "
           f"{speed['one-at-a-time tokens/s']:.0f} tokens/s: {ratio:.2f}x")

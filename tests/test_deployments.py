@@ -151,7 +151,7 @@ def test_small_step_delta_skips_unchanged_tensors_and_corruption_is_refused(setu
     tensors = read_delta_manifest(str(entry_dir)).tensors
     unchanged = {k for k, e in tensors.items() if e["encoding"] == "unchanged"}
     assert "model.norm.weight" in unchanged
-    assert any(e["encoding"] == "ternary" for e in tensors.values())
+    assert any(e["encoding"] == "xor-symbols" for e in tensors.values())
     good = (entry_dir / DELTA_DATA_FILE).read_bytes()
     blob = bytearray(good)
     blob[len(blob) // 3] ^= 0x10

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from training.sdk import AdamParams, Datum, ModelInput, ServiceClient, StoreError
 from training.sdk.snapshots import (
     DELTA_DATA_FILE,
+    DELTA_ENCODINGS,
     LEGACY_DELTA_FORMAT,
     SnapshotCorruptError,
     SnapshotMismatchError,
@@ -44,9 +45,9 @@ def _trainer_weights(client) -> dict[str, torch.Tensor]:
             for k, v in client.model.state_dict().items()}
 
 
-def _client(store_root: str, sampler_dtype: str = "bfloat16"):
+def _client(store_root: str, sampler_dtype: str = "bfloat16", delta_encoding: str = "xor"):
     service = ServiceClient(store_root, mixed_precision="no", device="cpu",
-                            sampler_dtype=sampler_dtype)
+                            sampler_dtype=sampler_dtype, delta_encoding=delta_encoding)
     return service.create_training_client(TEST_MODEL)
 
 
@@ -59,10 +60,11 @@ def test_snapshot_identities() -> None:
             parse_snapshot_identity(bad)
 
 
-@pytest.mark.parametrize("sampler_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("sampler_dtype", "delta_encoding"),
+                         [("bfloat16", "xor"), ("float32", "xor"), ("bfloat16", "ulp")])
 def test_base_delta_delta_chain_reconstructs_bitwise(store_root, tiny_model_dir,
-                                                     sampler_dtype) -> None:
-    client = _client(store_root, sampler_dtype)
+                                                     sampler_dtype, delta_encoding) -> None:
+    client = _client(store_root, sampler_dtype, delta_encoding)
     saved, expected = [], []
     for i in range(3):  # default types: base, then deltas
         if i:
@@ -74,7 +76,10 @@ def test_base_delta_delta_chain_reconstructs_bitwise(store_root, tiny_model_dir,
     assert types == ["INFERENCE_BASE", "INFERENCE_ARC_V2", "INFERENCE_ARC_V2"]
     for previous, delta in zip(saved, saved[1:], strict=False):
         entry = client.store.sampler_dir(client.job_id, delta.snapshot_name)
-        assert read_delta_manifest(entry).reference == previous.path
+        manifest = read_delta_manifest(entry)
+        assert manifest.reference == previous.path
+        assert {e["encoding"] for e in manifest.tensors.values()} <= \
+            {"unchanged", *DELTA_ENCODINGS[delta_encoding]}
         assert not (Path(entry) / "model.safetensors").exists()
     for snapshot, weights in zip(saved, expected, strict=True):
         rebuilt = load_snapshot_weights(client.store, snapshot.path)
@@ -109,7 +114,7 @@ def test_bf16_delta_is_small_at_a_small_learning_rate(store_root, tiny_model_dir
     assert delta_file.stat().st_size == extra[small.snapshot_name]["delta_bytes"]
 
 
-@pytest.mark.parametrize("encoding", ["ternary", "dense", "xor"])
+@pytest.mark.parametrize("encoding", ["xor-symbols", "xor", "ternary", "dense"])
 def test_encode_apply_round_trip_for_mixed_dtypes(tmp_path, encoding) -> None:
     generator = torch.Generator().manual_seed(0)
     reference = {"a": torch.randn(33, 7, generator=generator).to(torch.bfloat16),
@@ -154,7 +159,8 @@ def test_ternary_escapes_unchanged_tensors_and_the_smallest_encoding(tmp_path) -
            "same": base.clone(),  # equal bytes, another tensor object
            "noise": torch.randn(4097, generator=generator).to(torch.bfloat16),
            "far": _ulp_moves(base, far)}
-    stats = encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref")
+    stats = encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref",
+                         encodings=DELTA_ENCODINGS["ulp"])
     tensors = read_delta_manifest(str(tmp_path)).tensors
     assert tensors["sparse"]["encoding"] == "ternary" and tensors["sparse"]["escapes"] == 0
     assert tensors["escapes"]["encoding"] == "ternary"
@@ -176,19 +182,67 @@ def test_ternary_escapes_unchanged_tensors_and_the_smallest_encoding(tmp_path) -
     assert rebuilt["same"] is reference["same"]  # checked, not copied
 
 
-def test_corrupt_ternary_payloads_are_refused(tmp_path) -> None:
+def _xor_escapes(new: torch.Tensor, reference: torch.Tensor) -> int:
+    """Escapes and fillers of bf16 ``new`` against ``reference`` in ``xor-symbols``: the
+    elements whose XOR is no symbol, plus a filler every 255 elements between them."""
+    xor = (new.view(torch.int16) ^ reference.view(torch.int16)).to(torch.int64) & 0xFFFF
+    symbols = torch.tensor([0, 0x1, 0x3, 0x7, 0xF, 0x1F, 0x3F, 0x7F, 0x2, 0x6, 0xE, 0x1E, 0x5,
+                            0xD, 0x4, 0xC])
+    escaped = np.flatnonzero((~torch.isin(xor, symbols)).numpy())
+    gaps = np.diff(escaped, prepend=-1)
+    return escaped.size + int(((gaps - 1) // 255).sum())
+
+
+def test_xor_symbols_escapes_unchanged_tensors_and_the_smallest_encoding(tmp_path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(4097, generator=generator).abs().add(0.5).to(torch.bfloat16)
+    one_ulp = torch.randint(-1, 2, (4097,), generator=generator)
+    reference = {"small": base, "same": base.clone(), "noise": base.clone()}
+    new = {"small": _ulp_moves(base, one_ulp), "same": base.clone(),
+           "noise": torch.randn(4097, generator=generator).to(torch.bfloat16)}
+    stats = encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref")
+    tensors = read_delta_manifest(str(tmp_path)).tensors
+    # A 1-ulp move flips a run of low bits: a symbol, but for carries into the exponent.
+    assert tensors["small"]["encoding"] == "xor-symbols"
+    assert 0 < tensors["small"]["escapes"] == _xor_escapes(new["small"], base) < 40
+    assert tensors["same"]["encoding"] == "unchanged"
+    assert tensors["noise"]["encoding"] == "xor"  # most XORs are no symbol: byte planes
+    assert stats.encodings == {"xor-symbols": 1, "unchanged": 1, "xor": 1}
+    assert read_delta_manifest(str(tmp_path)).streams["xor-symbols-2"]["tensors"] == ["small"]
+    rebuilt = apply_delta(reference, str(tmp_path))
+    for name, tensor in new.items():
+        assert torch.equal(rebuilt[name].view(torch.int16), tensor.view(torch.int16)), name
+    # Escapes 300, 1990 and 1800 apart: fillers between them keep every gap in one byte.
+    far = torch.zeros(4097, dtype=torch.int64)
+    far[[299, 2289, 4089]] = 40
+    reference, new = {"far": base, "small": base}, {"far": _ulp_moves(base, far),
+                                                    "small": new["small"]}
+    encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref",
+                 encodings=["xor-symbols"])
+    tensors = read_delta_manifest(str(tmp_path)).tensors
+    assert tensors["far"]["escapes"] == _xor_escapes(new["far"], base) == \
+        3 + (300 - 1) // 255 + (1990 - 1) // 255 + (1800 - 1) // 255
+    rebuilt = apply_delta(reference, str(tmp_path))
+    for name, tensor in new.items():
+        assert torch.equal(rebuilt[name].view(torch.int16), tensor.view(torch.int16)), name
+
+
+@pytest.mark.parametrize("encoding", ["ternary", "xor-symbols"])
+def test_corrupt_symbol_payloads_are_refused(tmp_path, encoding) -> None:
     generator = torch.Generator().manual_seed(2)
     reference = {"w": torch.randn(64, 33, generator=generator).to(torch.bfloat16)}
     moves = torch.randint(-1, 2, (64, 33), generator=generator)
     moves[::5, ::3] = 40  # escapes
     new = {"w": _ulp_moves(reference["w"], moves)}
     encode_delta(new, reference, str(tmp_path), reference_identity="sampler://j/ref",
-                 encodings=["ternary"])
+                 encodings=[encoding])
     manifest_path = tmp_path / DELTA_MANIFEST_FILE
     data = tmp_path / DELTA_DATA_FILE
     good_manifest, good_data = manifest_path.read_text(), data.read_bytes()
-    assert json.loads(good_manifest)["tensors"]["w"]["escapes"] == 13 * 11
-    stream = json.loads(good_manifest)["streams"]["ternary-2"]
+    escapes = json.loads(good_manifest)["tensors"]["w"]["escapes"]
+    assert escapes >= 13 * 11  # xor-symbols: also the 1-ulp moves with long carries
+    key = f"{encoding}-2"
+    stream = json.loads(good_manifest)["streams"][key]
     symbols_length, gaps_length, values_length = stream["lengths"]
 
     def refused(match: str) -> None:
@@ -206,7 +260,7 @@ def test_corrupt_ternary_payloads_are_refused(tmp_path) -> None:
         edit(body)
         frame = zstandard.ZstdCompressor(level=1).compress(body.tobytes())
         payload = json.loads(good_manifest)
-        payload["streams"]["ternary-2"]["lengths"][index] = len(frame)
+        payload["streams"][key]["lengths"][index] = len(frame)
         manifest_path.write_text(json.dumps(payload))
         data.write_bytes(good_data[:start] + frame + good_data[start + lengths[index]:])
 
@@ -229,19 +283,19 @@ def test_corrupt_ternary_payloads_are_refused(tmp_path) -> None:
     refused("does not decompress|decompresses to|fail the manifest's checksum")
     # The manifest miscounts the escapes, names an unknown encoding, drops a frame of the
     # stream or lists other tensors in it.
-    for field, value, match in (("escapes", 13 * 11 + 1, "a frame of the ternary-2 stream "
-                                                         "decompresses to 143 bytes, expected 144"),
+    for field, value, match in (("escapes", escapes + 1, f"a frame of the {key} stream "
+                                 f"decompresses to {escapes} bytes, expected {escapes + 1}"),
                                 ("escapes", -1, "negative escape count"),
                                 ("encoding", "quaternary", "newer version of homefire")):
         payload = json.loads(good_manifest)
         payload["tensors"]["w"][field] = value
         manifest_path.write_text(json.dumps(payload))
         refused(match)
-    for field, value, match in (("lengths", [symbols_length, gaps_length], "the ternary-2 "
+    for field, value, match in (("lengths", [symbols_length, gaps_length], f"the {key} "
                                  "stream has 2 frames, expected 3"),
                                 ("tensors", ["v"], r"lists tensors \['v'\], the manifest")):
         payload = json.loads(good_manifest)
-        payload["streams"]["ternary-2"][field] = value
+        payload["streams"][key][field] = value
         manifest_path.write_text(json.dumps(payload))
         refused(match)
     # Frames past the end of delta.bin.
@@ -385,3 +439,8 @@ def test_ttl_snapshots_expire_and_are_cleaned_up(store_root, tiny_model_dir,
     assert client.store.cleanup_expired(client.job_id) == [f"samplers/{temp.snapshot_name}"]
     assert not Path(client.store.sampler_dir(client.job_id, temp.snapshot_name)).exists()
     assert client.store.get_sampler(client.job_id, kept.snapshot_name).expires_at is None
+
+
+def test_an_unknown_delta_encoding_is_refused_up_front(store_root) -> None:
+    with pytest.raises(ValueError, match=r"delta_encoding='zip': expected one of \['ulp', 'xor'\]"):
+        ServiceClient(store_root, device="cpu", delta_encoding="zip")

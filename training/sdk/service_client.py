@@ -16,6 +16,7 @@ from training.sdk.deployments import DeploymentManager
 from training.sdk.lora import apply_lora
 from training.sdk.models import load_causal_lm, load_tokenizer, model_source
 from training.sdk.sampling import DeploymentSampler, SamplingClient
+from training.sdk.snapshots import DEFAULT_DELTA_ENCODING, DELTA_ENCODINGS
 from training.sdk.store import CheckpointStore
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
 
@@ -37,6 +38,9 @@ class ServiceClient:
             built-in tiny ones), ``"bfloat16"``, ``"float32"``... bf16 snapshots are what
             inference runs and make deltas ~10x smaller at small learning rates; the trainer's
             fp32 master weights are unaffected.
+        delta_encoding: how delta sampler snapshots are stored: ``"xor"`` (default: each
+            tensor's ``new XOR reference``, zstd-compressed) or ``"ulp"`` (each element's move
+            in ulps: 20-25% smaller, a little faster to hotload). Deployments read both.
         deploy_mgr: the :class:`DeploymentManager` that sampling clients use (default: one on
             this service's store, created on first use).
         deployment_id: the deployment that sampling clients use (default: created on first
@@ -55,7 +59,11 @@ class ServiceClient:
                  mixed_precision: str = "auto", account: str | None = None,
                  sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
                  deployment_id: str | None = None, async_saves: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING) -> None:
+        if delta_encoding not in DELTA_ENCODINGS:
+            raise ValueError(f"delta_encoding={delta_encoding!r}: expected one of "
+                             f"{sorted(DELTA_ENCODINGS)}")
+        self.delta_encoding = delta_encoding
         self.store = CheckpointStore(storage_root)
         self.world = distributed.init_from_env(resolve_device(device))
         self.device = distributed.rank_device(resolve_device(device))
@@ -136,6 +144,7 @@ class ServiceClient:
                                 device=self.device, autocast_dtype=self.autocast_dtype,
                                 frozen=frozen, async_saves=self.async_saves and not frozen,
                                 compile=self.compile and not frozen,
+                                delta_encoding=self.delta_encoding,
                                 sampler_dtype=_resolve_sampler_dtype(self.sampler_dtype,
                                                                      base_model, self.store))
         logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",
@@ -191,6 +200,7 @@ class ServiceClient:
                     cleanup_deployment_on_close: str | None = None,
                     storage_root: str | None = None, device: str = "auto",
                     mixed_precision: str = "auto", sampler_dtype: str = "auto",
+                    delta_encoding: str = DEFAULT_DELTA_ENCODING,
                     deploy_mgr: DeploymentManager | None = None, engine: str = "auto",
                     api_key: str | None = None, base_url: str | None = None,
                     **unused: Any) -> ServiceClient:
@@ -208,8 +218,8 @@ class ServiceClient:
             raise ValueError(f"cleanup_deployment_on_close={cleanup_deployment_on_close!r}: "
                              f"expected 'scale_to_zero', 'delete' or None")
         service = cls(storage_root, device=device, mixed_precision=mixed_precision,
-                      sampler_dtype=sampler_dtype, deploy_mgr=deploy_mgr,
-                      deployment_id=deployment_id)
+                      sampler_dtype=sampler_dtype, delta_encoding=delta_encoding,
+                      deploy_mgr=deploy_mgr, deployment_id=deployment_id)
         service.config = ManagedConfig(
             base_model=base_model, tokenizer_model=tokenizer_model, lora_rank=lora_rank,
             create_deployment=create_deployment, replica_count=replica_count,

@@ -12,28 +12,40 @@ in one of two shapes:
   holds, per tensor, the dtype, shape, encoding, frame offset/lengths and the checksum of the
   *reconstructed* tensor.
 
-Delta encodings (format ``homefire-delta/2``; chosen per tensor, the smallest wins):
+A delta is ``new XOR reference``, tensor by tensor, on the raw bytes (``current_weights =
+reference XOR delta``), unless the trainer was set up with ``delta_encoding="ulp"``. Format
+``homefire-delta/2``; each tensor is stored in the smallest of the encodings of its setting
+(:data:`DELTA_ENCODINGS`):
 
-* ``unchanged``: the tensor's bytes equal the reference's; no frame.
-* ``ternary``: ``d = new - reference`` on the raw bytes read as little-endian unsigned integers
-  of the element's width (wrapping; for floats of one sign, the move in ulps) and its zigzag
-  code ``z`` (0, -1, +1, -2, ... -> 0, 1, 2, 3, ...). Frame 1: 2-bit symbols, four per byte
-  (first element in the low bits), zero-padded to a multiple of 8 elements: ``z`` where
-  ``z <= 2``, else 0. The elements with ``z > 2`` are *escapes* (``escapes`` in the manifest
-  counts them): frame 2 holds the gaps between their positions (the first: its position + 1),
-  one byte each (where escapes are more than 255 apart, *fillers* in between, elements with
-  ``z <= 2`` stored like escapes, keep every gap <= 255), frame 3 their ``z - 3`` (wrapping)
-  in the element's width, in byte planes. All ternary tensors of one element width share
-  these frames, their parts joined in the order the manifest's ``streams`` entry
-  ``ternary-<width>`` lists them (without any escape, frame 1 alone).
-* ``dense``: ``z`` of every element, in byte planes (byte ``k`` of every element together).
-* ``xor``: ``new XOR reference``, in byte planes (the only encoding of format
-  ``homefire-xor-delta/1``, which is still read).
+* ``unchanged`` (any setting): the tensor's bytes equal the reference's; no frame.
+* ``xor-symbols`` (``xor``): ``x = new XOR reference`` per element, read as a little-endian
+  unsigned integer of the element's width. Frame 1: 4-bit symbols, two per byte (first element
+  in the low bits), zero-padded to a multiple of 4 elements: 0 where ``x == 0``, ``s`` where
+  ``x`` is the ``s``-th of the 15 XORs of :data:`_XOR_PATTERNS` (the runs of low bits a move of
+  one ulp flips, then the commonest XORs of small moves), else 0 and the element is an
+  *escape*. ``escapes`` in the manifest counts them: frame 2 holds the gaps between their
+  positions (the first: its position + 1), one byte each (where escapes are more than 255
+  apart, *fillers* in between, elements stored like escapes, keep every gap <= 255), frame 3
+  their ``x`` in the element's width, in byte planes.
+* ``xor`` (``xor``): ``x`` of every element in byte planes (byte ``k`` of every element
+  together), for tensors where most elements changed by more than a few ulps.
+* ``ternary`` (``ulp``): the move ``d = new - reference`` of each element on the raw bytes
+  read as unsigned integers (wrapping; for floats of one sign, the move in ulps) and its
+  zigzag code ``z`` (0, -1, +1, -2, ... -> 0, 1, 2, 3, ...): 2-bit symbols, four per byte,
+  ``z`` where ``z <= 2``, else an escape (frames 2 and 3 as above, frame 3 holding ``z - 3``,
+  wrapping).
+* ``dense`` (``ulp``): ``z`` of every element, in byte planes.
+
+The tensors of a symbol encoding (``xor-symbols``, ``ternary``) with elements of one width share
+these frames, their parts joined in the order the manifest's ``streams`` entry
+``<encoding>-<width>`` lists them (without any escape, frame 1 alone). Format
+``homefire-xor-delta/1`` (``xor`` alone, SHA-256) is still read.
 
 All are exact for any dtype: the reconstruction is bit for bit, and the checksums prove it on
 every reconstruction. One optimizer step at a small learning rate moves most bf16 weights by 0
-or 1 ulp, so ``ternary`` spends ~1.5 bits per element where XOR bytes spend ~2.4: a carry turns
-a 1-ulp move into the XOR patterns 1, 3, 7, 15... (see ``benchmarks/sampler_snapshots.py``).
+or 1 ulp. Their XOR is a run of low bits (0x1, 0x3, 0x7, ...: the carry), whose length costs
+bits a move of +-1 does not: ``xor`` deltas are 20-25% larger than ``ulp`` ones (see
+``benchmarks/sampler_snapshots.py`` and ``benchmarks/README.md``).
 
 Checksums are XXH3-128 of each tensor's raw bytes (SHA-256 in manifests of older versions,
 still verified). They catch accidental damage: a truncated or altered file, a delta applied to
@@ -73,7 +85,8 @@ from training.sdk.store import (
 )
 
 __all__ = [
-    "CHECKSUM", "DELTA_DATA_FILE", "DELTA_ENCODINGS", "DELTA_FORMAT", "SAMPLER_SCHEME",
+    "CHECKSUM", "DEFAULT_DELTA_ENCODING", "DELTA_DATA_FILE", "DELTA_ENCODINGS", "DELTA_FORMAT",
+    "SAMPLER_SCHEME",
     "DeltaManifest", "DeltaStats", "SnapshotCorruptError", "SnapshotError",
     "SnapshotMismatchError", "apply_delta", "encode_delta", "load_snapshot_weights",
     "make_snapshot_identity", "parse_snapshot_identity", "read_delta_manifest",
@@ -90,8 +103,11 @@ ZSTD_LEVEL = 1
 """zstd level of delta frames: level 3 compresses deltas no better than 1 and is slower."""
 CHECKSUM = "xxh3_128"
 """Checksum of tensors in new manifests: XXH3-128 hashes ~45 GB/s here, SHA-256 ~1.8 GB/s."""
-DELTA_ENCODINGS = ("ternary", "dense")
-"""Encodings :func:`encode_delta` tries per tensor by default (``unchanged`` is implicit)."""
+DELTA_ENCODINGS = {"xor": ("xor-symbols", "xor"), "ulp": ("ternary", "dense")}
+"""The encodings :func:`encode_delta` tries per tensor under each ``delta_encoding`` setting
+(``unchanged`` is implicit): ``xor`` (the default) stores ``new XOR reference``; ``ulp`` stores
+the move of each element, 20-25% smaller (see the module docstring)."""
+DEFAULT_DELTA_ENCODING = "xor"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
@@ -216,24 +232,60 @@ def _unzigzag_(z: np.ndarray) -> np.ndarray:
     return z
 
 
-_SYMBOLS = np.stack([(np.arange(256) >> (2 * k)) & 3 for k in range(4)], axis=1).astype(np.uint8)
-"""Packed byte -> its four 2-bit symbols (first element in the low bits)."""
+_XOR_PATTERNS = (0x1, 0x3, 0x7, 0xF, 0x1F, 0x3F, 0x7F, 0x2, 0x6, 0xE, 0x1E, 0x5, 0xD, 0x4, 0xC)
+"""XOR values of the ``xor-symbols`` symbols 1-15 (0: the element did not change). A move of one
+ulp flips a run of low bits (0x1, 0x3, 0x7, ...: 80% of the changed bf16 elements after one
+step at lr 1e-5); the others are the commonest XORs of moves of a few ulps."""
+
+
+@dataclass(frozen=True)
+class _SymbolCode:
+    """How a symbol encoding turns symbols back into elements (see the module docstring)."""
+
+    bits: int
+    """Bits per symbol: 2 (four per packed byte) or 4 (two per packed byte)."""
+    combine: np.ufunc
+    """Combines a decoded value with the reference element: ``add`` (moves) or ``bitwise_xor``."""
+    xor: bool
+    """Escape values are XORs as they are (else ``z - 3`` of a zigzag move)."""
+
+    def values(self, itemsize: int) -> np.ndarray:
+        """Symbol -> the value combined with the reference (escapes are written as 0 -> 0)."""
+        uint = _UINTS[itemsize]
+        if self.xor:
+            return np.array((0, *_XOR_PATTERNS), dtype=uint)
+        return np.array([0, np.iinfo(uint).max, 1, 0], dtype=uint)  # 0, -1, +1 (wrapping)
+
+
+_SYMBOL_CODES = {"ternary": _SymbolCode(bits=2, combine=np.add, xor=False),
+                 "xor-symbols": _SymbolCode(bits=4, combine=np.bitwise_xor, xor=True)}
+"""The encodings whose tensors share symbol and escape frames per element width."""
 
 
 @functools.cache
-def _ternary_pairs(itemsize: int) -> np.ndarray | None:
-    """Two packed bytes (one little-endian uint16) -> their 8 moves, as one 8- or 16-byte item.
+def _byte_symbols(bits: int) -> np.ndarray:
+    """Packed byte -> its ``8 // bits`` symbols (first element in the low bits)."""
+    per_byte = 8 // bits
+    return np.stack([(np.arange(256) >> (bits * k)) & ((1 << bits) - 1)
+                     for k in range(per_byte)], axis=1).astype(np.uint8)
 
-    Symbols 0, 1, 2 decode to the moves 0, -1 (all ones), +1 (3 is never written: 0). One
-    lookup per 8 elements: ~3x faster than per packed byte (fewer, wider indices). None where
-    the items' layout does not hold (big-endian hosts, elements wider than 2 bytes).
+
+@functools.cache
+def _pair_table(encoding: str, itemsize: int) -> np.ndarray | None:
+    """Two packed bytes (one little-endian uint16) -> the values of their 8 (2-bit) or 4 (4-bit)
+    symbols, as one 4-, 8- or 16-byte item.
+
+    One lookup per 2 packed bytes: ~3x faster than per packed byte (fewer, wider indices). None
+    where the items' layout does not hold (big-endian hosts, items wider than 16 bytes).
     """
-    item = {1: np.uint64, 2: np.complex128}.get(itemsize)  # complex128: a 16-byte copy unit
+    code = _SYMBOL_CODES[encoding]
+    width = 2 * (8 // code.bits) * itemsize
+    item = {4: np.uint32, 8: np.uint64, 16: np.complex128}.get(width)  # complex: a copy unit
     if item is None or sys.byteorder != "little":
         return None
-    values = np.array([0, (1 << 8 * itemsize) - 1, 1, 0], dtype=_UINTS[itemsize])
+    values, symbols = code.values(itemsize), _byte_symbols(code.bits)
     codes = np.arange(1 << 16)
-    table = np.concatenate([values[_SYMBOLS[codes & 0xFF]], values[_SYMBOLS[codes >> 8]]], axis=1)
+    table = np.concatenate([values[symbols[codes & 0xFF]], values[symbols[codes >> 8]]], axis=1)
     return np.ascontiguousarray(table).view(item).reshape(-1)
 
 
@@ -291,16 +343,17 @@ class DeltaManifest:
     tensors: dict[str, dict[str, Any]]
     """Per tensor: ``dtype``, ``shape``, ``encoding`` (see the module docstring), ``offset`` of
     its first frame in ``delta.bin`` and ``lengths`` of its own frames (bytes; none for
-    ``unchanged`` and ``ternary``), ``escapes`` (escapes and fillers; ``ternary`` only) and the
-    checksum of the reconstructed tensor under the name of its algorithm (``xxh3_128``;
-    ``sha256`` in format 1)."""
+    ``unchanged`` and the symbol encodings), ``escapes`` (escapes and fillers; symbol encodings
+    only) and the checksum of the reconstructed tensor under the name of its algorithm
+    (``xxh3_128``; ``sha256`` in format 1)."""
     compression: str = "zstd"
     level: int = ZSTD_LEVEL
     checksum: str = CHECKSUM
     """Algorithm of the per-tensor checksums."""
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Frames shared by several tensors: ``ternary-<element bytes>`` holds the ``tensors``
-    stored ``ternary`` with elements of that width, in stream order, and the ``offset`` and
+    """Frames shared by several tensors: ``<encoding>-<element bytes>`` (``xor-symbols-2``,
+    ``ternary-2``...) holds the ``tensors`` stored in that symbol encoding with elements of
+    that width, in stream order, and the ``offset`` and
     ``lengths`` of its frames (symbols, then gaps and escape values if any tensor has
     escapes)."""
     format: str = DELTA_FORMAT
@@ -352,12 +405,13 @@ def read_delta_manifest(directory: str) -> DeltaManifest:
 # ------------------------------------------------------------------------------- deltas
 def encode_delta(new: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
                  directory: str, *, reference_identity: str,
-                 encodings: Sequence[str] = DELTA_ENCODINGS,
+                 encodings: Sequence[str] = DELTA_ENCODINGS[DEFAULT_DELTA_ENCODING],
                  level: int = ZSTD_LEVEL) -> DeltaStats:
     """Write ``new`` encoded against ``reference`` (zstd) and its manifest into ``directory``.
 
-    Every tensor is tried in each of ``encodings`` (``ternary``, ``dense``, ``xor``; see the
-    module docstring) and stored in the smallest; a tensor equal to its reference is stored as
+    Every tensor is tried in each of ``encodings`` (by default the ``xor`` setting's
+    ``xor-symbols`` and ``xor``; ``ternary`` and ``dense`` for ``ulp``: see the module docstring
+    and :data:`DELTA_ENCODINGS`) and stored in the smallest; a tensor equal to its reference is stored as
     ``unchanged`` (no bytes). Both mappings must have the same tensor names, dtypes and shapes
     (a delta never changes the architecture); ``reference_identity`` is recorded as the
     snapshot the delta applies to.
@@ -373,7 +427,7 @@ def encode_delta(new: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
     compressors = _Compressors(level)
     tensors: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
-    ternary: dict[int, list[tuple[str, tuple[np.ndarray, ...]]]] = {}
+    shared_parts: dict[str, list[tuple[str, tuple[np.ndarray, ...]]]] = {}
     offset = raw_total = 0
     with open(os.path.join(directory, DELTA_DATA_FILE), "wb") as out:
         for name, tensor in new.items():
@@ -394,8 +448,9 @@ def encode_delta(new: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
                         best = (size, encoding, frames, fields)
                 _, encoding, frames, fields = best
                 streams = fields.pop("streams", None)
-                if encoding == "ternary":  # its frames are shared: written after the loop
-                    ternary.setdefault(itemsize, []).append((name, streams))
+                if encoding in _SYMBOL_CODES:  # its frames are shared: written after the loop
+                    shared_parts.setdefault(f"{encoding}-{itemsize}", []).append(
+                        (name, streams))
                     frames = []
                 entry.update(encoding=encoding, lengths=[len(f) for f in frames], **fields)
             for frame in frames:
@@ -405,12 +460,12 @@ def encode_delta(new: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
             counts[entry["encoding"]] = counts.get(entry["encoding"], 0) + 1
             raw_total += raw.size
         shared = {}
-        for itemsize, parts in ternary.items():
-            frames = _shared_ternary_frames([streams for _, streams in parts], itemsize,
-                                            compressors)
-            shared[f"ternary-{itemsize}"] = {"tensors": [name for name, _ in parts],
-                                             "offset": offset,
-                                             "lengths": [len(f) for f in frames]}
+        for key, parts in shared_parts.items():
+            itemsize = int(key.rsplit("-", 1)[1])
+            frames = _shared_symbol_frames([streams for _, streams in parts], itemsize,
+                                           compressors)
+            shared[key] = {"tensors": [name for name, _ in parts], "offset": offset,
+                           "lengths": [len(f) for f in frames]}
             for frame in frames:
                 out.write(frame)
                 offset += len(frame)
@@ -440,21 +495,66 @@ def _encode_ternary(raw: np.ndarray, ref: np.ndarray, itemsize: int,
     uint = _UINTS[itemsize]
     z = _zigzag(raw.view(uint) - ref.view(uint), itemsize)
     escaped = _with_fillers(np.flatnonzero(z > 2))
-    padded = np.zeros(-(-z.size // 8) * 8, dtype=np.uint8)  # whole pairs of packed bytes
-    padded[:z.size] = z
-    padded[escaped] = 0  # the most frequent symbol: escapes cost least in the symbol frame
-    quads = padded.reshape(-1, 4)
-    packed = quads[:, 0] | (quads[:, 1] << 2) | (quads[:, 2] << 4) | (quads[:, 3] << 6)
-    gaps = np.diff(escaped, prepend=-1).astype(np.uint8)
     values = z[escaped] - 3  # wraps around for fillers (z <= 2); the decoder's + 3 wraps back
-    # Compressed alone to compare sizes; stored in the shared frames of all ternary tensors.
-    frames = _shared_ternary_frames([(packed, gaps, values)], itemsize, compressors)
+    return _encode_symbols("ternary", z.astype(np.uint8), escaped, values, itemsize,
+                           compressors)
+
+
+def _encode_xor_symbols(raw: np.ndarray, ref: np.ndarray, itemsize: int,
+                        compressors: _Compressors) -> tuple[list[bytes], dict[str, Any]]:
+    uint = _UINTS[itemsize]
+    xor = np.bitwise_xor(raw, ref).view(uint)
+    symbols = _xor_symbol_of(xor, itemsize)
+    escaped = _with_fillers(np.flatnonzero(symbols == _ESCAPE))
+    return _encode_symbols("xor-symbols", symbols, escaped, xor[escaped], itemsize, compressors)
+
+
+_ESCAPE = 255
+"""Symbol of an element no symbol stands for, before packing (packed as 0)."""
+
+
+@functools.cache
+def _xor_lookup(itemsize: int) -> np.ndarray:
+    """XOR value -> its ``xor-symbols`` symbol or :data:`_ESCAPE`, for 1- and 2-byte elements."""
+    lookup = np.full(1 << (8 * itemsize), _ESCAPE, dtype=np.uint8)
+    lookup[0] = 0
+    lookup[list(_XOR_PATTERNS)] = np.arange(1, len(_XOR_PATTERNS) + 1)
+    return lookup
+
+
+def _xor_symbol_of(xor: np.ndarray, itemsize: int) -> np.ndarray:
+    if itemsize <= 2:  # one lookup
+        return np.take(_xor_lookup(itemsize), xor.astype(np.intp))
+    symbols = np.full(xor.size, _ESCAPE, dtype=np.uint8)
+    symbols[xor == 0] = 0
+    for symbol, pattern in enumerate(_XOR_PATTERNS, 1):
+        symbols[xor == pattern] = symbol
+    return symbols
+
+
+def _encode_symbols(encoding: str, symbols: np.ndarray, escaped: np.ndarray, values: np.ndarray,
+                    itemsize: int, compressors: _Compressors,
+                    ) -> tuple[list[bytes], dict[str, Any]]:
+    """Frames and manifest fields of a symbol encoding: ``symbols`` (uint8; escapes anything)
+    packed ``8 // bits`` per byte, the gaps between the ``escaped`` positions and ``values``."""
+    bits = _SYMBOL_CODES[encoding].bits
+    per_pair = 16 // bits
+    padded = np.zeros(-(-symbols.size // per_pair) * per_pair, dtype=np.uint8)  # whole pairs
+    padded[:symbols.size] = symbols
+    padded[escaped] = 0  # the most frequent symbol: escapes cost least in the symbol frame
+    groups = padded.reshape(-1, 8 // bits)
+    packed = groups[:, 0].copy()
+    for k in range(1, groups.shape[1]):
+        packed |= groups[:, k] << (bits * k)
+    gaps = np.diff(escaped, prepend=-1).astype(np.uint8)
+    # Compressed alone to compare sizes; stored in the shared frames of its stream.
+    frames = _shared_symbol_frames([(packed, gaps, values)], itemsize, compressors)
     return frames, {"escapes": int(escaped.size), "streams": (packed, gaps, values)}
 
 
-def _shared_ternary_frames(parts: list[tuple[np.ndarray, ...]], itemsize: int,
-                           compressors: _Compressors) -> list[bytes]:
-    """Frames of ternary tensors' (packed symbols, gaps, escape values), joined in order."""
+def _shared_symbol_frames(parts: list[tuple[np.ndarray, ...]], itemsize: int,
+                          compressors: _Compressors) -> list[bytes]:
+    """Frames of the (packed symbols, gaps, escape values) of a stream's tensors, joined."""
     frames = [compressors.symbols.compress(b"".join(p[0].tobytes() for p in parts))]
     if any(p[1].size for p in parts):
         frames.append(compressors.bytes.compress(b"".join(p[1].tobytes() for p in parts)))
@@ -492,7 +592,8 @@ def _encode_xor(raw: np.ndarray, ref: np.ndarray, itemsize: int,
     return [compressors.bytes.compress(xor.tobytes())], {}
 
 
-_ENCODERS = {"ternary": _encode_ternary, "dense": _encode_dense, "xor": _encode_xor}
+_ENCODERS = {"xor-symbols": _encode_xor_symbols, "xor": _encode_xor, "ternary": _encode_ternary,
+             "dense": _encode_dense}
 
 
 def apply_delta(reference: Mapping[str, torch.Tensor], directory: str, *,
@@ -527,15 +628,17 @@ def apply_delta(reference: Mapping[str, torch.Tensor], directory: str, *,
     # One thread: decoding tensors in 2 threads took 1.3-1.6x longer on 2 cores.
     refs = {name: _raw_bytes(reference[name]) for name in manifest.tensors}
     raws: dict[str, np.ndarray] = {}
-    ternary: dict[int, list[tuple[str, Mapping[str, Any], list[memoryview]]]] = {}
+    groups: dict[tuple[str, int], list[tuple[str, Mapping[str, Any], list[memoryview]]]] = {}
     for name, entry in manifest.tensors.items():
         frames = _entry_frames(name, entry, blob, path)
-        if entry["encoding"] == "ternary":  # decoded together: numpy calls cost per tensor
-            ternary.setdefault(_itemsize(entry["dtype"]), []).append((name, entry, frames))
+        if entry["encoding"] in _SYMBOL_CODES:  # decoded together: numpy calls cost per tensor
+            key = (entry["encoding"], _itemsize(entry["dtype"]))
+            groups.setdefault(key, []).append((name, entry, frames))
         else:
             raws[name] = _decode_tensor(name, entry, refs[name], frames, path)
-    for itemsize, group in ternary.items():
-        raws.update(_decode_ternary(group, manifest.streams, refs, itemsize, blob, path))
+    for (encoding, itemsize), group in groups.items():
+        raws.update(_decode_symbols(encoding, group, manifest.streams, refs, itemsize, blob,
+                                    path))
     weights = {}
     for name, entry in manifest.tensors.items():
         raw = raws[name]
@@ -550,8 +653,8 @@ def apply_delta(reference: Mapping[str, torch.Tensor], directory: str, *,
     return weights
 
 
-_FRAMES = {"unchanged": 0, "dense": 1, "xor": 1, "xor-flat": 1, "ternary": 0}
-"""Frames of its own per tensor of each encoding (``ternary`` ones share theirs)."""
+_FRAMES = {"unchanged": 0, "dense": 1, "xor": 1, "xor-flat": 1, "ternary": 0, "xor-symbols": 0}
+"""Frames of its own per tensor of each encoding (symbol encodings share their stream's)."""
 
 
 def _entry_frames(name: str, entry: Mapping[str, Any], blob: memoryview, path: str,
@@ -571,7 +674,7 @@ def _entry_frames(name: str, entry: Mapping[str, Any], blob: memoryview, path: s
 
 def _decode_tensor(name: str, entry: Mapping[str, Any], ref: np.ndarray,
                    frames: list[memoryview], path: str) -> np.ndarray:
-    """The raw bytes of one tensor that is not ``ternary`` (``ref`` itself when
+    """The raw bytes of one tensor not in a symbol encoding (``ref`` itself when
     ``unchanged``), before its checksum."""
     encoding = entry["encoding"]
     if encoding == "unchanged":
@@ -588,16 +691,19 @@ def _decode_tensor(name: str, entry: Mapping[str, Any], ref: np.ndarray,
     return np.add(_unzigzag_(z), ref.view(uint), out=z).view(np.uint8)
 
 
-def _decode_ternary(group: list[tuple[str, Mapping[str, Any], list[memoryview]]],
+def _decode_symbols(encoding: str, group: list[tuple[str, Mapping[str, Any], list[memoryview]]],
                     streams: Mapping[str, Mapping[str, Any]], refs: Mapping[str, np.ndarray],
                     itemsize: int, blob: memoryview, path: str) -> dict[str, np.ndarray]:
-    """The raw bytes of the ``ternary`` tensors of one element width, before their checksums.
+    """The raw bytes of the tensors of one symbol encoding and element width, before their
+    checksums.
 
     They share their frames (one zstd frame per tensor and stream took ~1.5 ms more on the 71
     tensors of a 10M model) and are decoded with one numpy call per step, into slices of one
     buffer.
     """
-    key = f"ternary-{itemsize}"
+    code = _SYMBOL_CODES[encoding]
+    per_pair = 16 // code.bits  # elements per two packed bytes
+    key = f"{encoding}-{itemsize}"
     what = f"the {key} stream"
     stream = streams.get(key, {})
     names = list(stream.get("tensors", []))
@@ -608,8 +714,8 @@ def _decode_ternary(group: list[tuple[str, Mapping[str, Any], list[memoryview]]]
                                    f"manifest is corrupt")
     uint = _UINTS[itemsize]
     counts = np.array([refs[name].size // itemsize for name in names], dtype=np.intp)
-    pairs = -(-counts // 8)  # each tensor's symbols fill whole pairs of packed bytes
-    starts = 8 * (np.cumsum(pairs) - pairs)
+    pairs = -(-counts // per_pair)  # each tensor's symbols fill whole pairs of packed bytes
+    starts = per_pair * (np.cumsum(pairs) - pairs)
     escapes = np.array([entries[name].get("escapes", 0) for name in names], dtype=np.intp)
     if (escapes < 0).any():
         raise SnapshotCorruptError(f"{path}: a negative escape count in the manifest; the "
@@ -621,17 +727,17 @@ def _decode_ternary(group: list[tuple[str, Mapping[str, Any], list[memoryview]]]
         raise SnapshotCorruptError(f"{path}: {what} has {len(frames)} frames, expected "
                                    f"{3 if total else 1}; the delta is corrupt")
     packed = _decompress(frames[0], 2 * int(pairs.sum()), what, path)
-    table = _ternary_pairs(itemsize)
-    if table is not None:  # one lookup gives the 8 moves of two packed bytes
-        moves = np.take(table, packed.view("<u2").astype(np.intp)).view(uint)
+    table = _pair_table(encoding, itemsize)
+    if table is not None:  # one lookup gives the values of two packed bytes
+        values = np.take(table, packed.view("<u2").astype(np.intp)).view(uint)
     else:
-        symbols = np.take(_SYMBOLS.view(np.uint32).reshape(256), packed.astype(np.intp))
-        moves = np.take(np.array([0, np.iinfo(uint).max, 1, 0], dtype=uint),
-                        symbols.view(np.uint8))
+        per_byte = _byte_symbols(code.bits).view(f"<u{8 // code.bits}").reshape(256)
+        symbols = np.take(per_byte, packed.astype(np.intp))
+        values = np.take(code.values(itemsize), symbols.view(np.uint8))
     raws = {}
     for i, name in enumerate(names):
-        out = moves[starts[i]:starts[i] + counts[i]]
-        np.add(out, refs[name].view(uint), out=out)  # in the lookup's buffer: no copy
+        out = values[starts[i]:starts[i] + counts[i]]
+        code.combine(out, refs[name].view(uint), out=out)  # in the lookup's buffer: no copy
         raws[name] = out.view(np.uint8)
     if total:
         # Escape positions come as gaps (a cumulative sum away), not from a scan of the
@@ -647,11 +753,14 @@ def _decode_ternary(group: list[tuple[str, Mapping[str, Any], list[memoryview]]]
             i = has[bad[0]]
             raise SnapshotCorruptError(f"{path}: tensor {names[i]!r} has an escape outside its "
                                        f"{counts[i]} elements; the delta is corrupt")
-        gaps += np.repeat(starts[has] - before - 1, escapes[has])  # positions in ``moves``
-        z = _from_planes(_decompress(frames[2], total * itemsize, what, path),
-                         itemsize).view(uint)
-        z += 3
-        np.add.at(moves, gaps, _unzigzag_(z))  # their symbols decode to no move
+        gaps += np.repeat(starts[has] - before - 1, escapes[has])  # positions in ``values``
+        stored = _from_planes(_decompress(frames[2], total * itemsize, what, path),
+                              itemsize).view(uint)
+        if not code.xor:
+            stored += 3
+            _unzigzag_(stored)
+        # Their symbols decoded to 0 (no change); fillers come back the same way.
+        code.combine.at(values, gaps, stored)
     return raws
 
 

@@ -40,6 +40,8 @@ from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
 from training.sdk.packed_attention import packed_attention, supports_packed_attention
 from training.sdk.snapshots import (
+    DEFAULT_DELTA_ENCODING,
+    DELTA_ENCODINGS,
     encode_delta,
     make_snapshot_identity,
     sampler_weights,
@@ -133,7 +135,7 @@ class TrainingClient:
                  autocast_dtype: torch.dtype | None, frozen: bool = False,
                  adapter_disabled: bool = False,
                  sampler_dtype: torch.dtype | None = None, async_saves: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING) -> None:
         self.store = store
         self.job = job
         self.model = model
@@ -178,6 +180,12 @@ class TrainingClient:
         self.sampler_dtype = sampler_dtype or next(model.parameters()).dtype
         """dtype of sampler snapshot weights (the trainer's own weights stay as they are)."""
         self._sampler_chain: _SamplerChainHead | None = None
+        if delta_encoding not in DELTA_ENCODINGS:
+            raise ValueError(f"delta_encoding={delta_encoding!r}: expected one of "
+                             f"{sorted(DELTA_ENCODINGS)}")
+        self.delta_encoding = delta_encoding
+        """How delta snapshots are encoded: ``"xor"`` or ``"ulp"`` (see
+        :data:`training.sdk.snapshots.DELTA_ENCODINGS`)."""
         self.adapter_disabled = adapter_disabled
         """Forward passes run the base model under the LoRA adapter (a LoRA policy's reference
         shares the policy's model instead of loading a second copy)."""
@@ -667,7 +675,8 @@ class TrainingClient:
         * ``"base"``: a Hugging Face directory (safetensors + config + tokenizer) that
           ``AutoModelForCausalLM.from_pretrained`` loads, typed ``INFERENCE_BASE``; promotable.
         * ``"delta"``: these weights' exact difference from the previous snapshot of this
-          session's chain, per tensor as the elements' moves in ulps, zstd-compressed
+          session's chain, per tensor ``new XOR reference`` (or the elements' moves in ulps with
+          ``delta_encoding="ulp"``), zstd-compressed
           (``INFERENCE_ARC_V2``, see :mod:`training.sdk.snapshots`); ~10x smaller than a bf16
           base at small learning rates; not promotable.
         * ``None`` (default): ``"base"`` for the first snapshot of the session (or after
@@ -712,8 +721,9 @@ class TrainingClient:
                     elif resolved == "base":
                         write_base_snapshot(local, self.model, self.tokenizer, weights)
                     else:
-                        stats = encode_delta(weights, chain.weights, local,
-                                             reference_identity=chain.identity)
+                        stats = encode_delta(
+                            weights, chain.weights, local, reference_identity=chain.identity,
+                            encodings=DELTA_ENCODINGS[self.delta_encoding])
                         extra.update(reference=chain.identity,
                                      delta_bytes=stats.compressed_bytes,
                                      raw_bytes=stats.raw_bytes)
