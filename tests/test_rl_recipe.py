@@ -4,6 +4,7 @@ off-policy), the KL reference, bad inputs, and the command line."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,18 @@ def test_kl_reference_and_gspo_loss(tmp_path):
         assert trained[-1]["kl"] > 0
 
 
+@pytest.mark.parametrize("loss", ["ppo", "dro"])
+def test_tinker_builtin_losses_train(tmp_path, loss):
+    result = main(_config(tmp_path, max_steps=2, loss=loss, off_policy=False))
+    trained = [m for m in read_metrics(result.log_path) if m["trained_sequences"]]
+    assert trained, "no step trained"
+    for row in trained:
+        assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+        assert "clip_fraction" not in row  # the recipe-side diagnostics are not computed
+    with pytest.raises(ConfigError, match="no KL term"):
+        main(_config(tmp_path, "kl", loss=loss, kl_beta=0.1))
+
+
 def _write(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -182,7 +195,7 @@ def test_bad_inputs_are_refused_before_any_model_is_loaded(tmp_path):
         main(_config(tmp_path, dataset=no_answer, reward_fn="numeric_answer"))
     with pytest.raises(RewardError, match="reward_fn='nope'"):
         main(_config(tmp_path, reward_fn="nope"))
-    for field, value, match in [("loss", "ppo", "loss='ppo'"),
+    for field, value, match in [("loss", "reinforce", "loss='reinforce'"),
                                 ("group_size", 1, "group_size must be >= 2"),
                                 ("tis_cap", 0.5, "tis_cap=0.5 is below 1"),
                                 ("max_completion_tokens", 600, "leaves no room")]:

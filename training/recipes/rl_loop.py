@@ -97,8 +97,11 @@ class Config(TrainConfig):
     lr_schedule: str = "constant"
     loss: str = "grpo"
     """'grpo' (PPO clip + truncated IS), 'dapo' (asymmetric clip), 'gspo' (sequence-level
-    ratio), 'cispo' (clipped IS-weighted REINFORCE) or 'importance_sampling'; formulas in
-    training.utils.rl_losses."""
+    ratio), 'cispo' (clipped IS-weighted REINFORCE) or 'importance_sampling' (formulas in
+    training.utils.rl_losses); or 'ppo' / 'dro': the trainer's built-in losses with Tinker's
+    semantics (training.sdk.losses; no KL penalty, no truncated IS)."""
+    dro_beta: float = 0.05
+    """Weight of the quadratic penalty of loss='dro'."""
     clip_eps_low: float | None = None
     """Lower clip: ratios below 1 - clip_eps_low are clipped. None: the loss's default (0.2; gspo
     3e-4; cispo 1.0 = no lower bound)."""
@@ -125,8 +128,12 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.loss not in RL_LOSSES:
-        raise ConfigError(f"loss={config.loss!r}: expected one of {', '.join(RL_LOSSES)}")
+    if config.loss not in (*RL_LOSSES, *BUILTIN_RL_LOSSES):
+        raise ConfigError(f"loss={config.loss!r}: expected one of "
+                          f"{', '.join((*RL_LOSSES, *BUILTIN_RL_LOSSES))}")
+    if config.loss in BUILTIN_RL_LOSSES and config.kl_beta > 0:
+        raise ConfigError(f"loss={config.loss!r} is the trainer's built-in loss, which has no "
+                          f"KL term: set kl_beta=0, or use loss=grpo/dapo/gspo/cispo")
     if config.group_size < 2:
         raise ConfigError(f"group_size must be >= 2 (advantages are relative to the group), got "
                           f"{config.group_size}")
@@ -230,10 +237,30 @@ def rl_objective(config: Config, on_policy: bool,
     return loss_fn
 
 
+BUILTIN_RL_LOSSES = ("ppo", "dro")
+"""Values of ``loss`` computed by the trainer's built-in losses (Tinker's semantics)."""
+
+
+def builtin_loss_call(config: Config, datums: list[Datum],
+                      ) -> tuple[list[Datum], dict[str, float]]:
+    """The datums and ``loss_fn_config`` of ``forward_backward(datums, config.loss, ...)``:
+    Tinker's RL inputs (``target_tokens``, the sampler's ``logprobs``, per-position
+    ``advantages``, 0 on the prompt) and the clip range or ``beta``."""
+    tinker_datums = [Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "logprobs": d.loss_fn_inputs["sampling_logprobs"],
+        "advantages": d.loss_fn_inputs["advantages"]}) for d in datums]
+    if config.loss == "dro":
+        return tinker_datums, {"beta": config.dro_beta}
+    low, high = resolve_clip("grpo", config.clip_eps_low, config.clip_eps_high)
+    return tinker_datums, {"clip_low_threshold": 1 - low, "clip_high_threshold": 1 + high}
+
+
 def reference_completion_logprobs(reference: TrainingClient,
                                   datums: list[Datum]) -> list[torch.Tensor]:
     """Per datum, the frozen reference's log-probs of its completion tokens (nats)."""
-    output = reference.forward(datums).result()
+    output = reference.forward([Datum(model_input=d.model_input, loss_fn_inputs={
+        k: d.loss_fn_inputs[k] for k in ("target_tokens", "weights")}) for d in datums]).result()
     return [out["logprobs"].to_torch().reshape(-1)[completion_mask(datum)]
             for out, datum in zip(output.loss_fn_outputs, datums, strict=True)]
 
@@ -259,16 +286,22 @@ def train_on(client: TrainingClient, run: ResumableRun, batch: RolloutBatch, ste
     t0 = time.perf_counter()
     datums = [rollout_datum(r) for r in trained]
     ref_logprobs = reference_completion_logprobs(reference, datums) if reference else None
-    fwd_bwd = client.forward_backward_custom(
-        datums, rl_objective(config, on_policy, ref_logprobs)).result()
+    if config.loss in BUILTIN_RL_LOSSES:
+        builtin_datums, loss_fn_config = builtin_loss_call(config, datums)
+        fwd_bwd = client.forward_backward(builtin_datums, config.loss, loss_fn_config).result()
+    else:
+        fwd_bwd = client.forward_backward_custom(
+            datums, rl_objective(config, on_policy, ref_logprobs)).result()
     optim = client.optim_step(run.adam_params(step), grad_accumulation_normalization=(
         GradAccNormalization(config.grad_accumulation_normalization))).result()
     elapsed = time.perf_counter() - t0
     num_tokens = sum(d.model_input.length for d in datums)
     loss_tokens = fwd_bwd.metrics["num_loss_tokens"]
+    loss_sum = fwd_bwd.metrics.get("loss_sum", fwd_bwd.metrics.get("loss:sum"))
     metrics.update({
-        "loss": fwd_bwd.metrics["loss_sum"] / max(loss_tokens, 1),
-        **{k: fwd_bwd.metrics[k] for k in ("clip_fraction", "tis_clip_fraction", "ratio_mean")},
+        "loss": loss_sum / max(loss_tokens, 1),
+        **{k: fwd_bwd.metrics[k] for k in ("clip_fraction", "tis_clip_fraction", "ratio_mean")
+           if k in fwd_bwd.metrics},
         **({"kl": fwd_bwd.metrics["kl"]} if reference is not None else {}),
         "num_loss_tokens": loss_tokens, "train_time_s": elapsed,
         "train_tokens_per_s": num_tokens / elapsed,
@@ -337,7 +370,8 @@ def main(config: Config) -> RunResult:
     dataset = SupervisedDataset(list(range(len(prompts))), seed=config.seed)
     total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
     data_limit = config.epochs * len(dataset)
-    clip_low, clip_high = resolve_clip(config.loss, config.clip_eps_low, config.clip_eps_high)
+    clip_low, clip_high = resolve_clip(config.loss if config.loss in RL_LOSSES else "grpo",
+                                       config.clip_eps_low, config.clip_eps_high)
 
     # ---- resume point, or nothing left to do
     run = ResumableRun(config, recipe="rl_loop", total_steps=total_steps, identity={
@@ -347,6 +381,7 @@ def main(config: Config) -> RunResult:
         "max_completion_tokens": config.max_completion_tokens,
         "temperature": config.temperature, "loss": config.loss, "clip": [clip_low, clip_high],
         "tis_cap": config.tis_cap, "kl_beta": config.kl_beta, "off_policy": config.off_policy,
+        **({"dro_beta": config.dro_beta} if config.loss == "dro" else {}),
     })
     if run.complete_row is not None:
         return run.finish_complete()

@@ -38,6 +38,7 @@ from training.sdk import distributed
 from training.sdk.distributed import collective
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
+from training.sdk.losses import BUILTIN_LOSSES, check_loss_call, loss_tokens
 from training.sdk.packed_attention import packed_attention, supports_packed_attention
 from training.sdk.snapshots import (
     DEFAULT_DELTA_ENCODING,
@@ -66,6 +67,8 @@ from training.sdk.types import (
     SaveSamplerResult,
     SaveStateResponse,
     TensorData,
+    as_adam_params,
+    as_datum,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,7 +81,6 @@ T = TypeVar("T")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
                         "uninitialized", category=UserWarning)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-BUILTIN_LOSSES = ("cross_entropy",)
 
 
 def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
@@ -95,6 +97,25 @@ def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False)
                  if p.requires_grad}
     return {k: v for k, v in state.items() if k in trainable}
+
+
+def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A datum's per-position ``loss_fn_inputs`` as float tensors shaped like its logprobs
+    (a clip threshold may also be one value); ``target_tokens`` and ``routing_matrices`` are
+    read elsewhere."""
+    inputs = {}
+    for key, value in datum.loss_fn_inputs.items():
+        if key in ("target_tokens", "routing_matrices"):
+            continue
+        tensor = value.to_torch().to(logprobs.device, torch.float32)
+        if tensor.numel() == logprobs.numel():
+            tensor = tensor.reshape(logprobs.shape)
+        elif not (tensor.numel() == 1 and key.startswith("clip_")):
+            raise ValueError(f"datum {index}: loss_fn_inputs[{key!r}] has {tensor.numel()} "
+                             f"entries, model_input has {logprobs.numel()} tokens; they must "
+                             f"match")
+        inputs[key] = tensor
+    return inputs
 
 
 def _done(value: T) -> Future[T]:
@@ -313,52 +334,56 @@ class TrainingClient:
             per_datum.append(lp)
         return per_datum
 
-    def _cross_entropy(self, datums: Sequence[Datum]) -> tuple[torch.Tensor, ForwardBackwardOutput]:
-        logprobs, weights, anchor = self._logprobs(datums, require_targets=True)
+    def _builtin_loss(self, data: Sequence[Any], loss_fn: str,
+                      loss_fn_config: dict[str, Any] | None,
+                      ) -> tuple[torch.Tensor, ForwardBackwardOutput]:
+        """The summed loss of a built-in loss (:mod:`training.sdk.losses`) and its output."""
+        datums = [as_datum(d) for d in data]
+        config = check_loss_call(loss_fn, loss_fn_config, [d.loss_fn_inputs for d in datums])
+        per_position = BUILTIN_LOSSES[loss_fn].per_position
+        logprobs, _, anchor = self._logprobs(datums, require_targets=True)
         loss = logprobs[0].new_zeros(()) if anchor is None else anchor
-        loss_tokens = 0
-        for lp, w in zip(logprobs, weights, strict=True):
-            if w is None:
-                w = torch.ones_like(lp)
-            w = w.to(lp.device)
-            loss = loss - (w * lp).sum()
-            loss_tokens += int((w != 0).sum())
+        tokens = 0
+        for i, (datum, lp) in enumerate(zip(datums, logprobs, strict=True)):
+            inputs = _position_inputs(i, datum, lp)
+            loss = loss + per_position(lp, inputs, config).sum()
+            tokens += loss_tokens(loss_fn, inputs, lp.numel())
         output = ForwardBackwardOutput(
-            loss_fn_output_type="cross_entropy",
+            loss_fn_output_type=loss_fn,
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
                              for lp in logprobs],
-            metrics={"loss:sum": float(loss.detach()), "num_loss_tokens": float(loss_tokens),
+            metrics={"loss:sum": float(loss.detach()), "num_loss_tokens": float(tokens),
                      "num_sequences": float(len(datums))},
         )
         return loss, output
 
-    def forward(self, datums: Sequence[Datum], loss_fn: str = "cross_entropy",
+    def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy",
+                loss_fn_config: dict[str, Any] | None = None,
                 ) -> Future[ForwardBackwardOutput]:
         """Forward pass only (no gradients): per-token logprobs and the loss metrics."""
-        self._check_loss(loss_fn)
         with torch.no_grad():
-            _, output = self._cross_entropy(datums)
+            _, output = self._builtin_loss(data, loss_fn, loss_fn_config)
         return _done(output)
 
-    def forward_backward(self, datums: Sequence[Datum], loss_fn: str = "cross_entropy",
+    def forward_backward(self, data: Sequence[Any], loss_fn: str = "cross_entropy",
                          loss_fn_config: dict[str, Any] | None = None,
                          ) -> Future[ForwardBackwardOutput]:
         """Forward + backward with a built-in loss; gradients accumulate until ``optim_step``.
 
-        ``cross_entropy`` is ``sum(weights * -logprob(target_tokens))`` over all datums (a sum,
-        not a mean: ``optim_step``'s ``grad_accumulation_normalization`` turns it into one).
+        ``loss_fn`` is one of Tinker's built-in losses (``cross_entropy``,
+        ``importance_sampling``, ``ppo``, ``cispo``, ``dro``, ``gspo``; formulas and
+        ``loss_fn_config`` keys in :mod:`training.sdk.losses`). Each is a sum over positions, not
+        a mean: ``optim_step``'s ``grad_accumulation_normalization`` turns it into one.
+        ``data`` holds this package's or ``tinker``'s ``Datum`` objects.
         """
         self._check_trainable("forward_backward")
-        self._check_loss(loss_fn)
-        if loss_fn_config:
-            raise ValueError(f"loss {loss_fn!r} takes no loss_fn_config, got {loss_fn_config}")
-        loss, output = self._cross_entropy(datums)
+        loss, output = self._builtin_loss(data, loss_fn, loss_fn_config)
         with collective("running the backward pass"):
             loss.backward()
-        self._note_backward(datums, int(output.metrics["num_loss_tokens"]))
+        self._note_backward(len(output.loss_fn_outputs), int(output.metrics["num_loss_tokens"]))
         return _done(output)
 
-    def forward_backward_custom(self, datums: Sequence[Datum], loss_fn: CustomLossFn,
+    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn,
                                 ) -> Future[ForwardBackwardOutput]:
         """Forward + backward with your loss on the per-token logprobs.
 
@@ -367,7 +392,7 @@ class TrainingClient:
         ``(loss, metrics)``: a scalar tensor to differentiate and a dict of floats.
         """
         self._check_trainable("forward_backward_custom")
-        datums = list(datums)
+        datums = [as_datum(d) for d in data]
         logprobs, weights, anchor = self._logprobs(datums, require_targets=False)
         result = loss_fn(datums, logprobs)
         if not (isinstance(result, tuple) and len(result) == 2):
@@ -386,7 +411,7 @@ class TrainingClient:
             loss.backward()
         loss_tokens = sum(int((w != 0).sum()) if w is not None else lp.numel()
                           for lp, w in zip(logprobs, weights, strict=True))
-        self._note_backward(datums, loss_tokens)
+        self._note_backward(len(datums), loss_tokens)
         output = ForwardBackwardOutput(
             loss_fn_output_type="custom",
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
@@ -401,15 +426,10 @@ class TrainingClient:
                                f"only; train with the policy client from "
                                f"create_training_client")
 
-    def _check_loss(self, loss_fn: str) -> None:
-        if loss_fn not in BUILTIN_LOSSES:
-            raise ValueError(f"unknown loss {loss_fn!r}: built-in losses are {BUILTIN_LOSSES}; "
-                             f"use forward_backward_custom for your own")
-
-    def _note_backward(self, datums: Sequence[Datum], loss_tokens: int) -> None:
+    def _note_backward(self, sequences: int, loss_tokens: int) -> None:
         self._pending_backward = True
         self._pending_loss_tokens += loss_tokens
-        self._pending_sequences += len(datums)
+        self._pending_sequences += sequences
 
     # ---------------------------------------------------------------- optimizer
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -431,6 +451,7 @@ class TrainingClient:
         tokens or sequences first; ``None`` means ``NONE`` (raw sum, as in Tinker).
         """
         self._check_trainable("optim_step")
+        adam_params = as_adam_params(adam_params)
         if not self._pending_backward:
             raise RuntimeError("optim_step called with no gradients: call forward_backward "
                                "(or forward_backward_custom) first")

@@ -1,7 +1,10 @@
 """Wire types of the training API, with the Tinker / Fireworks names and fields.
 
-These are plain dataclasses owned by this project (no dependency on the ``tinker`` package), so a
-script written against the hosted SDK ports by changing its imports.
+These are plain dataclasses owned by this project, so a script written against the hosted SDK
+ports by changing its imports. The official ``tinker`` package's types (``tinker.Datum``,
+``ModelInput``, ``TensorData``, ``AdamParams``, ``SamplingParams``) are accepted wherever these are:
+the ``as_*`` functions below convert them (by their fields, without importing ``tinker``), so
+``import tinker; client.optim_step(tinker.AdamParams(...))`` works as the seeds write it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,27 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-LossFnType = Literal["cross_entropy"]
-"""Names of the built-in losses accepted by ``forward`` / ``forward_backward``."""
+LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+"""Names of the built-in losses accepted by ``forward`` / ``forward_backward`` (Tinker's; see
+:mod:`training.sdk.losses`)."""
+
+LOSS_FN_INPUT_DTYPES = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+    "sequence_ratio_mask": "float32",
+    "routing_matrices": "int64",
+}
+"""The dtype each known ``loss_fn_inputs`` key is coerced to (as ``tinker.Datum`` does): plain
+lists, numpy arrays and tensors of other dtypes are converted. Other keys (read by your own
+``forward_backward_custom`` loss) keep integer data as int64 and floats as float32."""
 
 _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32, "int32": torch.int32,
+                 "float64": torch.float64, "uint8": torch.uint8, "int8": torch.int8,
+                 "int16": torch.int16,
                  "float16": torch.float16, "bfloat16": torch.bfloat16, "bool": torch.bool}
 
 
@@ -89,15 +109,92 @@ class TensorData:
         return self.to_torch().tolist()
 
 
-def _as_tensor_data(value: Any) -> TensorData:
+def as_tensor_data(key: str, value: Any) -> TensorData:
+    """``value`` of ``loss_fn_inputs[key]`` as a :class:`TensorData` of the key's dtype
+    (:data:`LOSS_FN_INPUT_DTYPES`).
+
+    Accepts this module's or ``tinker``'s ``TensorData``, torch tensors, numpy arrays and
+    (nested, rectangular) lists or tuples of numbers.
+
+    Raises:
+        TypeError: a value of another type (strings, dicts, ...).
+        ValueError: ragged nested lists, or non-numeric elements.
+    """
     if isinstance(value, TensorData):
+        if _target_dtype(key, value.dtype) == value.dtype:
+            return value
+        tensor = value.to_torch()
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+    elif isinstance(value, np.ndarray) or _is_tinker_tensor_data(value):
+        array = value if isinstance(value, np.ndarray) else value.to_numpy()
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"loss_fn_inputs[{key!r}] must hold numbers, got a numpy array of "
+                            f"dtype {array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    elif isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError as e:
+            raise ValueError(f"loss_fn_inputs[{key!r}] must be a rectangular array of numbers; "
+                             f"ragged nested lists are not supported") from e
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"loss_fn_inputs[{key!r}] must hold numbers (a rectangular list of "
+                             f"ints or floats), got elements of dtype {array.dtype}")
+        tensor = torch.from_numpy(array)
+    else:
+        raise TypeError(f"loss_fn_inputs[{key!r}] must be TensorData, a torch.Tensor, a numpy "
+                        f"array or a list of numbers, got {type(value).__name__}")
+    dtype = _target_dtype(key, str(tensor.dtype).removeprefix("torch."))
+    return TensorData.from_torch(tensor.to(_TORCH_DTYPES[dtype]))
+
+
+def _target_dtype(key: str, dtype: str) -> str:
+    if key in LOSS_FN_INPUT_DTYPES:
+        return LOSS_FN_INPUT_DTYPES[key]
+    if dtype in ("int64", "int32", "float32", "bool"):
+        return dtype
+    return "float32" if dtype.startswith(("float", "bfloat")) else "int64"
+
+
+def _is_tinker_tensor_data(value: Any) -> bool:
+    """A ``tinker.TensorData`` (or anything with its shape: a dtype and ``to_numpy``)."""
+    return hasattr(value, "dtype") and callable(getattr(value, "to_numpy", None))
+
+
+def as_model_input(value: Any) -> ModelInput:
+    """This module's :class:`ModelInput` from ours, ``tinker``'s, or a list of token ids.
+
+    Raises:
+        TypeError: something else, or a chunk that is not text (images are not supported).
+    """
+    if isinstance(value, ModelInput):
         return value
-    if isinstance(value, torch.Tensor):
-        return TensorData.from_torch(value)
-    if isinstance(value, np.ndarray):
-        return TensorData.from_numpy(value)
-    raise TypeError(f"loss_fn_inputs values must be TensorData, torch.Tensor or numpy arrays, "
-                    f"got {type(value).__name__}")
+    if isinstance(value, (list, tuple)):
+        return ModelInput.from_ints(value)
+    chunks = getattr(value, "chunks", None)
+    if chunks is None:
+        raise TypeError(f"model_input must be a ModelInput (homefire's or tinker's) or a list "
+                        f"of token ids, got {type(value).__name__}")
+    ours = []
+    for i, chunk in enumerate(chunks):
+        tokens = getattr(chunk, "tokens", None)
+        if tokens is None:
+            raise TypeError(f"model_input chunk {i} is a {type(chunk).__name__}: only text "
+                            f"chunks (EncodedTextChunk) are supported locally")
+        ours.append(EncodedTextChunk(tokens=[int(t) for t in tokens]))
+    return ModelInput(chunks=ours)
+
+
+def as_datum(value: Any) -> Datum:
+    """This module's :class:`Datum` from ours or ``tinker``'s (``model_input`` +
+    ``loss_fn_inputs``)."""
+    if isinstance(value, Datum):
+        return value
+    if not (hasattr(value, "model_input") and hasattr(value, "loss_fn_inputs")):
+        raise TypeError(f"expected a Datum (homefire's or tinker's), got "
+                        f"{type(value).__name__}")
+    return Datum(model_input=value.model_input, loss_fn_inputs=dict(value.loss_fn_inputs))
 
 
 @dataclass
@@ -113,7 +210,8 @@ class Datum:
     loss_fn_inputs: dict[str, TensorData] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.loss_fn_inputs = {k: _as_tensor_data(v) for k, v in self.loss_fn_inputs.items()}
+        self.model_input = as_model_input(self.model_input)
+        self.loss_fn_inputs = {k: as_tensor_data(k, v) for k, v in self.loss_fn_inputs.items()}
 
 
 def datum_from_model_input_weights(model_input: ModelInput, weights: Sequence[float]) -> Datum:
@@ -142,6 +240,17 @@ class AdamParams:
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value before the update; 0 disables clipping."""
+
+
+def as_adam_params(value: Any) -> AdamParams:
+    """This module's :class:`AdamParams` from ours or ``tinker.AdamParams`` (same fields)."""
+    if isinstance(value, AdamParams):
+        return value
+    names = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+    if not hasattr(value, "learning_rate"):
+        raise TypeError(f"adam_params must be an AdamParams (homefire's or tinker's), got "
+                        f"{type(value).__name__}")
+    return AdamParams(**{n: float(getattr(value, n)) for n in names if hasattr(value, n)})
 
 
 class GradAccNormalization(str, enum.Enum):
@@ -250,6 +359,28 @@ class SamplingParams:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def as_sampling_params(value: Any) -> SamplingParams:
+    """This module's :class:`SamplingParams` from ours, ``tinker.SamplingParams`` (its
+    ``max_tokens=None`` takes our default) or a dict of the same fields."""
+    if isinstance(value, SamplingParams):
+        return value
+    fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown SamplingParams field(s) {unknown}; known: {fields}")
+        given = dict(value)
+    elif hasattr(value, "temperature"):
+        given = {f: getattr(value, f) for f in fields if hasattr(value, f)}
+    else:
+        raise TypeError(f"sampling_params must be a SamplingParams (homefire's or tinker's) or "
+                        f"a dict, got {type(value).__name__}")
+    if given.get("stop") is not None and not isinstance(given["stop"], str):
+        given["stop"] = list(given["stop"])
+    return SamplingParams(**{k: v for k, v in given.items()
+                             if v is not None or k in ("seed", "stop")})
 
 
 StopReason = Literal["stop", "length"]
