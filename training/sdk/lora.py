@@ -35,6 +35,33 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
     return found
 
 
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+
+
+def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: bool = True,
+                 train_unembed: bool = True) -> list[str]:
+    """Target modules for Tinker's ``create_lora_training_client`` switches: the model's
+    attention projections, MLP projections and output layer (``lm_head``), as asked.
+
+    Raises:
+        LoraError: every switch is off, or the model has none of the asked modules.
+    """
+    wanted = ((ATTENTION_MODULES if train_attn else ()) + (MLP_MODULES if train_mlp else ())
+              + (UNEMBED_MODULES if train_unembed else ()))
+    if not wanted:
+        raise LoraError("train_mlp, train_attn and train_unembed are all False: the adapter "
+                        "would train nothing")
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    found = [n for n in wanted if n in names]
+    if not found:
+        raise LoraError(f"{type(model).__name__} has none of the modules {wanted}; pass "
+                        f"lora_target_modules to create_training_client instead")
+    return found
+
+
 def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
                dropout: float = 0.0, target_modules: Sequence[str] | None = None,
                ) -> torch.nn.Module:

@@ -9,26 +9,24 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from training.sdk.deployments import Deployment, DeploymentManager
-from training.sdk.types import ModelInput, SampleResponse, SamplingParams
+from training.sdk.futures import APIFuture, AwaitableSelf, async_twins, completed
+from training.sdk.types import SampleResponse, SamplingParams, as_model_input, as_sampling_params
 
 __all__ = ["DeploymentSampler", "SampledCompletion", "SamplingClient"]
 
 
-def _done(value: Any) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
-class SamplingClient:
+@async_twins("sample", "compute_logprobs", "get_base_model")
+class SamplingClient(AwaitableSelf):
     """Tinker-shaped sampler: ``sample(prompt, num_samples, sampling_params)`` on a deployment.
 
-    Create it with :meth:`training.sdk.ServiceClient.create_sampling_client`.
+    Create it with :meth:`training.sdk.ServiceClient.create_sampling_client` or
+    :meth:`training.sdk.TrainingClient.save_weights_and_get_sampling_client`. As in ``tinker``,
+    the client is also a future of itself (``.result()``, ``await``), and every method has an
+    ``*_async`` twin.
     """
 
     def __init__(self, deploy_mgr: DeploymentManager, deployment_id: str,
@@ -45,34 +43,46 @@ class SamplingClient:
     def get_tokenizer(self) -> Any:
         return self.deployment.tokenizer
 
-    def sample(self, prompt: ModelInput, num_samples: int = 1,
-               sampling_params: SamplingParams | None = None,
-               include_prompt_logprobs: bool = False,
-               topk_prompt_logprobs: int = 0) -> Future[SampleResponse]:
+    def get_base_model(self) -> str:
+        """The base model the deployment serves (its weights may be a later snapshot)."""
+        return self.deployment.base_model
+
+    def sample(self, prompt: Any, num_samples: int = 1, sampling_params: Any = None,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               topk_sample_logprobs: int = 0) -> APIFuture[SampleResponse]:
         """``num_samples`` completions of ``prompt`` in one batch; returns a completed future.
 
-        Each sequence has its tokens (the stop token included), per-token logprobs and its
-        ``stop_reason``. ``include_prompt_logprobs`` / ``topk_prompt_logprobs=k`` also score the
-        prompt's own tokens (and the k most likely tokens at each prompt position) under the
-        same weights.
+        ``prompt`` is a ``ModelInput`` (this package's or ``tinker``'s) and ``sampling_params``
+        a ``SamplingParams`` (either, or a dict; default: ours). Each sequence has its tokens
+        (the stop token included), per-token logprobs and its ``stop_reason``.
+        ``include_prompt_logprobs`` / ``topk_prompt_logprobs=k`` also score the prompt's own
+        tokens (and the k most likely tokens at each prompt position), and
+        ``topk_sample_logprobs=k`` the k most likely tokens at each sampled position, under the
+        same weights (one more forward pass per sequence).
         """
-        params = sampling_params or SamplingParams()
+        tokens = as_model_input(prompt).to_ints()
+        params = as_sampling_params(sampling_params or SamplingParams())
         deployment = self.deployment
-        # One hold of the (re-entrant) deployment lock: no hotload between the two passes.
+        # One hold of the (re-entrant) deployment lock: no hotload between the passes.
         with deployment._lock:
-            sequences = deployment.sample([prompt.to_ints()], params, num_samples)[0]
+            sequences = deployment.sample([tokens], params, num_samples)[0]
             response = SampleResponse(sequences=sequences)
             if include_prompt_logprobs or topk_prompt_logprobs:
-                chosen, top = deployment.prompt_logprobs(prompt.to_ints(), topk_prompt_logprobs)
+                chosen, top = deployment.prompt_logprobs(tokens, topk_prompt_logprobs)
                 response.prompt_logprobs = chosen if include_prompt_logprobs else None
                 response.topk_prompt_logprobs = top if topk_prompt_logprobs else None
-        return _done(response)
+            if topk_sample_logprobs > 0:
+                for seq in sequences:
+                    _, top = deployment.prompt_logprobs([*tokens, *seq.tokens],
+                                                        topk_sample_logprobs)
+                    seq.topk_logprobs = top[len(tokens):]
+        return completed(response)
 
-    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
-                           sampling_params: SamplingParams | None = None) -> SampleResponse:
-        """:meth:`sample` off the event loop thread."""
-        return await asyncio.to_thread(
-            lambda: self.sample(prompt, num_samples, sampling_params).result())
+    def compute_logprobs(self, prompt: Any) -> APIFuture[list[float | None]]:
+        """``log p(prompt_i | prompt_<i)`` of each prompt token under the served weights
+        (``None`` for the first token, which nothing predicts)."""
+        chosen, _ = self.deployment.prompt_logprobs(as_model_input(prompt).to_ints())
+        return completed(chosen)
 
 
 @dataclass

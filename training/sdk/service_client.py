@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +15,12 @@ import torch
 
 from training.sdk import distributed
 from training.sdk.deployments import DeploymentManager
-from training.sdk.lora import apply_lora
+from training.sdk.lora import apply_lora, lora_targets
 from training.sdk.models import load_causal_lm, load_tokenizer, model_source
+from training.sdk.rest_client import RestClient
 from training.sdk.sampling import DeploymentSampler, SamplingClient
 from training.sdk.snapshots import DEFAULT_DELTA_ENCODING, DELTA_ENCODINGS
-from training.sdk.store import CheckpointStore
+from training.sdk.store import CheckpointStore, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -145,6 +148,7 @@ class ServiceClient:
                                 frozen=frozen, async_saves=self.async_saves and not frozen,
                                 compile=self.compile and not frozen,
                                 delta_encoding=self.delta_encoding,
+                                tokenizer_id=tokenizer_model or base_model, service=self,
                                 sampler_dtype=_resolve_sampler_dtype(self.sampler_dtype,
                                                                      base_model, self.store))
         logger.info("%s job %s: %s (%.2fM params) on %s", "reference" if frozen else "trainer",
@@ -170,10 +174,11 @@ class ServiceClient:
             client = TrainingClient(store=self.store, job=policy.job, model=policy.model,
                                     tokenizer=policy.tokenizer, device=self.device,
                                     autocast_dtype=self.autocast_dtype, frozen=True,
-                                    adapter_disabled=True, sampler_dtype=policy.sampler_dtype)
+                                    adapter_disabled=True, sampler_dtype=policy.sampler_dtype,
+                                    tokenizer_id=policy.tokenizer_id, service=self)
         else:
             client = self._new_client(base_model, 0, user_metadata, tokenizer_model,
-                                      job_id=None, frozen=True)
+                                      job_id=self.config.reference_trainer_job_id, frozen=True)
         self._clients[key] = client
         return client
 
@@ -190,6 +195,101 @@ class ServiceClient:
         return self.create_reference_client(base_model, lora_ranks[0] if lora_ranks else 0,
                                             user_metadata)
 
+    # ---------------------------------------------------------------- Tinker's names
+    def create_lora_training_client(self, base_model: str, rank: int = 32,
+                                    seed: int | None = None, train_mlp: bool = True,
+                                    train_attn: bool = True, train_unembed: bool = True,
+                                    user_metadata: dict[str, str] | None = None,
+                                    ) -> TrainingClient:
+        """Tinker's LoRA constructor: a rank-``rank`` adapter on the attention (``train_attn``)
+        and MLP (``train_mlp``) projections and on the output layer (``train_unembed``), its
+        initial weights drawn from ``seed`` (None: random). Returns the client, which is also
+        a future of itself (``.result()``) as Tinker's is."""
+        targets = lora_targets(self._model_shape(base_model), train_mlp=train_mlp,
+                               train_attn=train_attn, train_unembed=train_unembed)
+        with _seeded(seed):
+            return self.create_training_client(base_model, lora_rank=rank,
+                                               user_metadata=user_metadata,
+                                               lora_target_modules=targets)
+
+    def _model_shape(self, base_model: str) -> torch.nn.Module:
+        """The model's module tree (weights on the meta device) to choose LoRA targets from."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with model_source(base_model, self.store) as source:
+            config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+    def create_training_client_from_state(self, path: str,
+                                          user_metadata: dict[str, str] | None = None,
+                                          ) -> TrainingClient:
+        """A new run that starts from the weights of a train state (``save_state``'s path:
+        ``cross_job://...``, ``tinker://<run>/weights/<name>`` or ``job:name``), with a fresh
+        optimizer, as Tinker's does. Same base model and LoRA settings as the saving run."""
+        return self._client_from_state(path, user_metadata, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(
+            self, path: str, user_metadata: dict[str, str] | None = None) -> TrainingClient:
+        """Like :meth:`create_training_client_from_state`, also restoring the optimizer's
+        moments and step count."""
+        return self._client_from_state(path, user_metadata, with_optimizer=True)
+
+    def _client_from_state(self, path: str, user_metadata: dict[str, str] | None,
+                           with_optimizer: bool) -> TrainingClient:
+        job_id, name = parse_checkpoint_ref(path)
+        meta = self.store.get_state(job_id, name)
+        job = self.store.get_job(job_id)
+        lora = job.lora or {}
+        client = self.create_training_client(
+            meta.base_model, lora_rank=job.lora_rank, user_metadata=user_metadata,
+            lora_alpha=lora.get("alpha"), lora_dropout=lora.get("dropout", 0.0),
+            lora_target_modules=lora.get("target_modules"))
+        if with_optimizer:
+            client.load_state_with_optimizer(path).result()
+        else:
+            client.load_state(path).result()
+        return client
+
+    def get_server_capabilities(self) -> Any:
+        """Tinker's ``GetServerCapabilitiesResponse``: the models this service trains and
+        samples (the built-in tiny ones, the promoted models in the store and the base models
+        of its jobs; any local or hub model loads too)."""
+        from tinker import types as tinker_types
+
+        from training.sdk.registry import ModelRegistry
+        from training.sdk.tiny_model import TINY_MODELS
+
+        names = [*TINY_MODELS, *(m["name"] for m in ModelRegistry(self.store).list_models()),
+                 *(self.store.get_job(j).base_model for j in self.store.list_jobs())]
+        return tinker_types.GetServerCapabilitiesResponse(supported_models=[
+            tinker_types.SupportedModel(model_name=name, trainable=True, sampleable=True)
+            for name in dict.fromkeys(names)])
+
+    def create_rest_client(self) -> RestClient:
+        """Tinker's ``RestClient`` on this service's store (training runs and checkpoints)."""
+        return RestClient(self.store, self.get_server_capabilities)
+
+    @property
+    def max_context_length(self) -> int | None:
+        """The longest sequence the managed base model takes (``max_position_embeddings`` of
+        its config), None before a base model is known."""
+        policy = self._policy_client()
+        base_model = self.config.base_model or (policy.base_model if policy else None)
+        if base_model is None:
+            return None
+        config = self._model_shape(base_model).config
+        return getattr(config, "max_position_embeddings", None)
+
+    @property
+    def reference_trainer_job_id(self) -> str | None:
+        """The separate reference trainer's job id; None when there is none or the reference
+        shares the LoRA policy's model (adapter disabled), as in the hosted SDK."""
+        reference = next((c for key, c in self._clients.items() if key[0] == "reference"), None)
+        if reference is None:
+            return self.config.reference_trainer_job_id
+        return None if reference.adapter_disabled else reference.job_id
+
     # ---------------------------------------------------------------- managed service
     @classmethod
     def from_config(cls, base_model: str, *, tokenizer_model: str | None = None,
@@ -202,18 +302,29 @@ class ServiceClient:
                     mixed_precision: str = "auto", sampler_dtype: str = "auto",
                     delta_encoding: str = DEFAULT_DELTA_ENCODING,
                     deploy_mgr: DeploymentManager | None = None, engine: str = "auto",
+                    reference_trainer_job_id: str | None = None,
                     api_key: str | None = None, base_url: str | None = None,
-                    **unused: Any) -> ServiceClient:
+                    inference_url: str | None = None, training_shape_id: str | None = None,
+                    reference_training_shape_id: str | None = None,
+                    deployment_shape: str | None = None,
+                    trainer_replica_count: int | None = None,
+                    cleanup_reference_trainer_on_close: bool = True) -> ServiceClient:
         """A lazily provisioned service: trainer and deployment start on first use.
 
         The trainer starts at :meth:`create_training_client` (reattaching ``trainer_job_id`` if
         given); the deployment (``deployment_id``, created or reattached in ``deploy_mgr``)
         at the first sampling call. ``cleanup_deployment_on_close`` is ``"scale_to_zero"``,
         ``"delete"`` or None; ``cleanup_trainer_on_close`` frees the policy model on
-        :meth:`close` (its checkpoints stay in the store). ``api_key``, ``base_url`` and the
-        hosted-only fields (``training_shape_id``, ...) are accepted and ignored.
+        :meth:`close` (its checkpoints stay in the store). ``reference_trainer_job_id``
+        reattaches :meth:`create_reference_client` to that job. ``api_key``, ``base_url`` and
+        the hosted-only fields the seeds list (``inference_url``, ``training_shape_id``,
+        ``reference_training_shape_id``, ``deployment_shape``, ``trainer_replica_count``,
+        ``cleanup_reference_trainer_on_close``) are accepted and have no effect locally; any
+        other keyword is a ``TypeError`` naming it.
         """
-        del api_key, base_url, unused  # hosted-only settings: nothing to connect to locally
+        # Hosted-only settings: nothing to connect to or provision locally.
+        del api_key, base_url, inference_url, training_shape_id, reference_training_shape_id
+        del deployment_shape, trainer_replica_count, cleanup_reference_trainer_on_close
         if cleanup_deployment_on_close not in (None, "scale_to_zero", "delete"):
             raise ValueError(f"cleanup_deployment_on_close={cleanup_deployment_on_close!r}: "
                              f"expected 'scale_to_zero', 'delete' or None")
@@ -225,7 +336,8 @@ class ServiceClient:
             create_deployment=create_deployment, replica_count=replica_count,
             trainer_job_id=trainer_job_id, learning_rate=learning_rate,
             cleanup_trainer_on_close=cleanup_trainer_on_close,
-            cleanup_deployment_on_close=cleanup_deployment_on_close, engine=engine)
+            cleanup_deployment_on_close=cleanup_deployment_on_close, engine=engine,
+            reference_trainer_job_id=reference_trainer_job_id)
         return service
 
     from_firetitan_config = from_config
@@ -327,6 +439,8 @@ class ManagedConfig:
     cleanup_trainer_on_close: bool = False
     cleanup_deployment_on_close: str | None = None
     engine: str = "auto"
+    reference_trainer_job_id: str | None = None
+    """A reference trainer job to reattach (:meth:`ServiceClient.create_reference_client`)."""
 
 
 def _resolve_sampler_dtype(sampler_dtype: str, base_model: str,
@@ -345,6 +459,17 @@ def _resolve_sampler_dtype(sampler_dtype: str, base_model: str,
             config = json.load(f)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Draw a new adapter's initial weights from ``seed`` without touching the caller's RNG."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # The hosted SDK's names, so ported scripts only change their imports.

@@ -79,9 +79,11 @@ from safetensors.torch import load_file
 
 from training.sdk.store import (
     DELTA_MANIFEST_FILE,
+    TINKER_SCHEME,
     WEIGHTS_MANIFEST_FILE,
     CheckpointStore,
     StoreError,
+    parse_tinker_path,
 )
 
 __all__ = [
@@ -137,11 +139,18 @@ def make_snapshot_identity(job_id: str, snapshot_name: str) -> str:
 
 
 def parse_snapshot_identity(identity: str, default_job_id: str | None = None) -> tuple[str, str]:
-    """``sampler://job/name``, ``job:name`` or (with ``default_job_id``) ``name`` -> (job, name)."""
+    """``sampler://job/name``, ``tinker://job/sampler_weights/name``, ``job:name`` or (with
+    ``default_job_id``) ``name`` -> (job, name)."""
     if not isinstance(identity, str) or not identity:
         raise ValueError(f"snapshot identity {identity!r} is empty or not a string; pass "
                          f"SaveSamplerResult.path ('sampler://<job_id>/<snapshot_name>')")
-    if identity.startswith(SAMPLER_SCHEME):
+    if identity.startswith(TINKER_SCHEME):
+        job_id, kind, name = parse_tinker_path(identity)
+        if kind != "sampler":
+            raise ValueError(f"{identity!r} is a train state, not a sampler snapshot: sample "
+                             f"from a save_weights_for_sampler path "
+                             f"('tinker://<run_id>/sampler_weights/<name>')")
+    elif identity.startswith(SAMPLER_SCHEME):
         job_id, _, name = identity[len(SAMPLER_SCHEME):].partition("/")
     elif ":" in identity and "://" not in identity:
         job_id, _, name = identity.partition(":")

@@ -37,6 +37,31 @@ from fsspec.implementations.local import LocalFileSystem
 from training.faults import fault_point
 
 CROSS_JOB_SCHEME = "cross_job://"
+TINKER_SCHEME = "tinker://"
+"""Tinker's checkpoint paths: ``tinker://<job>/weights/<name>`` (train states) and
+``tinker://<job>/sampler_weights/<name>`` (sampler snapshots); accepted wherever ours are."""
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """``tinker://<job>/<weights|sampler_weights>/<name>`` -> (job, kind, name), kind being
+    ``"state"`` or ``"sampler"``.
+
+    Raises:
+        ValueError: not of that shape.
+    """
+    job_id, kind, name = (path[len(TINKER_SCHEME):].split("/", 2) + ["", ""])[:3]
+    kinds = {"weights": "state", "sampler_weights": "sampler"}
+    if not path.startswith(TINKER_SCHEME) or kind not in kinds or not job_id or not name \
+            or "/" in name:
+        raise ValueError(f"tinker path {path!r} is malformed: expected "
+                         f"'tinker://<run_id>/weights/<name>' (a train state) or "
+                         f"'tinker://<run_id>/sampler_weights/<name>' (a sampler snapshot)")
+    return validate_name(job_id, "run id"), kinds[kind], validate_name(name)
+
+
+def make_tinker_path(job_id: str, kind: str, name: str) -> str:
+    """The ``tinker://`` path of a train state (``kind="state"``) or sampler snapshot."""
+    return f"{TINKER_SCHEME}{job_id}/{'weights' if kind == 'state' else 'sampler_weights'}/{name}"
 META_FILE = "meta.json"
 DEFAULT_ACCOUNT = "local"
 
@@ -97,8 +122,14 @@ def make_cross_job_ref(job_id: str, name: str) -> str:
 
 
 def parse_checkpoint_ref(ref: str, default_job_id: str | None = None) -> tuple[str, str]:
-    """``cross_job://job/name``, ``job:name`` or (with a default job) a bare ``name`` -> (job, name)."""
-    if ref.startswith(CROSS_JOB_SCHEME):
+    """``cross_job://job/name``, ``tinker://job/weights/name``, ``job:name`` or (with a default
+    job) a bare ``name`` -> (job, name)."""
+    if ref.startswith(TINKER_SCHEME):
+        job_id, kind, name = parse_tinker_path(ref)
+        if kind != "state":
+            raise ValueError(f"{ref!r} is a sampler snapshot, not a train state: load_state "
+                             f"needs a save_state path ('tinker://<run_id>/weights/<name>')")
+    elif ref.startswith(CROSS_JOB_SCHEME):
         job_id, _, name = ref[len(CROSS_JOB_SCHEME):].partition("/")
     elif ":" in ref and "://" not in ref:
         job_id, _, name = ref.partition(":")

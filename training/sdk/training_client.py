@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from training.sdk import distributed
 from training.sdk.distributed import collective
+from training.sdk.futures import AwaitableSelf, async_twins, completed
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
 from training.sdk.losses import BUILTIN_LOSSES, check_loss_call, loss_tokens
@@ -118,10 +119,7 @@ def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[s
     return inputs
 
 
-def _done(value: T) -> Future[T]:
-    future: Future[T] = Future()
-    future.set_result(value)
-    return future
+_done = completed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -145,10 +143,17 @@ def resolve_autocast_dtype(mixed_precision: str, device: torch.device) -> torch.
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-class TrainingClient:
+@async_twins("forward", "forward_backward", "forward_backward_custom", "optim_step",
+             "save_state", "load_state", "load_state_with_optimizer", "save_weights_for_sampler",
+             "load_adapter", "get_info", "create_sampling_client",
+             "save_weights_and_get_sampling_client")
+class TrainingClient(AwaitableSelf):
     """A trainer job: one model, its optimizer, and its checkpoints in the store.
 
-    Create it with :meth:`training.sdk.ServiceClient.create_training_client`.
+    Create it with :meth:`training.sdk.ServiceClient.create_training_client` (or Tinker's
+    ``create_lora_training_client`` / ``create_training_client_from_state``). As in ``tinker``,
+    the client is also a future of itself (``.result()``, ``await``), and the RPC-like methods
+    have ``*_async`` twins whose awaited value is the future the method returns.
     """
 
     def __init__(self, *, store: CheckpointStore, job: JobRecord, model: torch.nn.Module,
@@ -156,8 +161,14 @@ class TrainingClient:
                  autocast_dtype: torch.dtype | None, frozen: bool = False,
                  adapter_disabled: bool = False,
                  sampler_dtype: torch.dtype | None = None, async_saves: bool = False,
-                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING) -> None:
+                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING,
+                 tokenizer_id: str | None = None, service: Any = None) -> None:
         self.store = store
+        self.tokenizer_id = tokenizer_id or job.base_model
+        """The name the tokenizer was loaded by (``tokenizer_model``, else ``base_model``)."""
+        self.service = service
+        """The :class:`~training.sdk.ServiceClient` that created this client (its deployment
+        serves :meth:`create_sampling_client`)."""
         self.job = job
         self.model = model
         self.tokenizer = tokenizer
@@ -230,6 +241,43 @@ class TrainingClient:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def get_info(self) -> Any:
+        """Tinker's ``GetInfoResponse``: ``model_id`` (the job id), ``model_data`` (``arch``,
+        ``model_name`` = base model, ``tokenizer_id``), ``is_lora``, ``lora_rank``."""
+        from tinker import types as tinker_types
+
+        config = getattr(self.model, "config", None)
+        archs = getattr(config, "architectures", None) or [type(self.model).__name__]
+        lora = self.job.lora_rank > 0
+        return tinker_types.GetInfoResponse(
+            model_id=self.job_id, model_name=self.base_model, is_lora=lora,
+            lora_rank=self.job.lora_rank if lora else None,
+            model_data=tinker_types.ModelData(arch=archs[0], model_name=self.base_model,
+                                              tokenizer_id=self.tokenizer_id))
+
+    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> Any:
+        """A :class:`~training.sdk.SamplingClient` on this service's deployment, synced to the
+        sampler snapshot ``model_path`` (``SaveSamplerResult.path``, ``sampler://...`` or
+        ``tinker://<job>/sampler_weights/<name>``). ``retry_config`` is accepted and unused."""
+        return self._service_for("create_sampling_client").create_sampling_client(model_path)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None,
+                                             retry_config: Any = None) -> Any:
+        """Save the current weights as a sampler snapshot and return a sampling client on them.
+
+        As in Tinker the snapshot is ephemeral: without ``name`` it is named
+        ``ephemeral-<step>`` and expires after an hour (a named one is kept)."""
+        saved = self.save_weights_for_sampler_ext(
+            name or f"ephemeral-{self._step}", ttl_seconds=None if name else 3600)
+        return self.create_sampling_client(saved.path)
+
+    def _service_for(self, method: str) -> Any:
+        if self.service is None:
+            raise RuntimeError(f"{method} needs the ServiceClient that created this training "
+                               f"client (its deployment serves the samples); this client was "
+                               f"built without one")
+        return self.service
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.model.parameters()
@@ -494,8 +542,15 @@ class TrainingClient:
 
     # ---------------------------------------------------------------- train state (DCP)
     def save_state(self, name: str, ttl_seconds: int | None = None, timeout: float | None = None,
-                   user_state: dict[str, Any] | None = None) -> Future[SaveStateResponse]:
+                   user_state: dict[str, Any] | None = None, *,
+                   user_metadata: dict[str, str] | None = None,
+                   overwrite: bool | None = None) -> Future[SaveStateResponse]:
         """Save weights + optimizer (+ ``user_state``) as a DCP checkpoint named ``name``.
+
+        ``user_metadata`` (Tinker's) is a dict of strings kept with the checkpoint
+        (``create_rest_client().list_checkpoints`` shows it). ``overwrite=False`` refuses a name
+        that already has a committed train state; the default (``None``) replaces it, as
+        ``True`` does (a recipe re-saves the step it resumed at).
 
         ``user_state`` (a local extension) is any picklable dict stored inside the same DCP
         checkpoint, e.g. step, data position, RNG states; ``load_state*`` returns it (each rank
@@ -510,8 +565,15 @@ class TrainingClient:
         most one save is in flight: the next save, a load, or :meth:`wait_for_saves` waits.
         """
         validate_name(name)
+        if user_metadata is not None and not (isinstance(user_metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in user_metadata.items())):
+            raise TypeError(f"user_metadata must be a dict of strings to strings, got "
+                            f"{user_metadata!r}")
         called = time.perf_counter()
         self.wait_for_saves()
+        if overwrite is False and self._has_state(name):
+            raise StoreError(f"train state {name!r} of job {self.job_id} already exists; pass "
+                             f"overwrite=True to replace it, or choose another name")
         state: dict[str, Any] = {
             **self._live_state_dicts(),
             "trainer": {"step": self._step},
@@ -522,7 +584,9 @@ class TrainingClient:
         meta = EntryMeta(kind="state", name=name, job_id=self.job_id, base_model=self.base_model,
                          created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
                          extra={"step": self._step, "has_optimizer": self._optimizer is not None,
-                                "world_size": self.world.world_size})
+                                "world_size": self.world.world_size,
+                                **({"user_metadata": dict(user_metadata)}
+                                   if user_metadata else {})})
         response = SaveStateResponse(path=make_cross_job_ref(self.job_id, name), name=name,
                                      job_id=self.job_id)
         what = f"saving train state {name!r}"
@@ -569,6 +633,13 @@ class TrainingClient:
         self._pending_saves.append(future)
         self.save_stall_s += time.perf_counter() - called
         return future
+
+    def _has_state(self, name: str) -> bool:
+        try:
+            self.store.get_state(self.job_id, name)
+        except StoreError:
+            return False
+        return True
 
     def _wait_for_staging(self) -> None:
         """Block until a background save has copied the state aside (before weights change)."""

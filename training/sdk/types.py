@@ -396,6 +396,9 @@ class SampledSequence:
     logprobs: list[float] | None = None
     """``log p(token_i | prompt, tokens_<i)`` under the model at temperature 1 (what a forward
     pass gives), one per token."""
+    topk_logprobs: list[list[tuple[int, float]]] | None = None
+    """With ``sample(topk_sample_logprobs=k)``: the k most likely ``(token, logprob)`` at each
+    sampled position."""
 
 
 @dataclass
