@@ -22,6 +22,7 @@ from training.sdk import (
     ModelInput,
     ModelRegistry,
     ServiceClient,
+    StoreError,
     TensorData,
     validate_output_model_id,
 )
@@ -220,9 +221,11 @@ def test_fireworks_client_alias_ignores_api_key(trained: dict, registry: ModelRe
     client = FireworksClient(registry.store, api_key="fw_unused", base_url="https://unused")
     assert isinstance(client, ModelRegistry)
     assert len(client.list_checkpoints(trained["job_id"])) == 3
-    with pytest.raises(TypeError, match="looks like an API key"):
-        FireworksClient("fw_secret123")
-    assert not Path("fw_secret123").exists()
+    for key in ("fw_secret123", "sk-live-abc", "a1b2c3"):  # any key given positionally
+        with pytest.raises(StoreError, match=r"no checkpoint store at .*an API key goes in "
+                                             r"api_key="):
+            FireworksClient(key)
+        assert not Path(key).exists()
 
 
 @pytest.mark.parametrize("checkpoint", ["snapshot", "step-1", "no-such-checkpoint"])

@@ -45,6 +45,10 @@ def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: 
     """Target modules for Tinker's ``create_lora_training_client`` switches: the model's
     attention projections, MLP projections and output layer (``lm_head``), as asked.
 
+    A model whose output layer shares its weight with the input embedding
+    (``tie_word_embeddings``) has no separate output layer: ``train_unembed`` adds nothing
+    there (an adapter on the shared weight could not be merged into a deployment's weights).
+
     Raises:
         LoraError: every switch is off, or the model has none of the asked modules.
     """
@@ -55,6 +59,11 @@ def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: 
                         "would train nothing")
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear)}
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        names -= set(UNEMBED_MODULES)
+        if wanted == UNEMBED_MODULES:
+            raise LoraError(f"{type(model).__name__} ties its output layer to the input "
+                            f"embedding: train_unembed alone leaves nothing to adapt")
     found = [n for n in wanted if n in names]
     if not found:
         raise LoraError(f"{type(model).__name__} has none of the modules {wanted}; pass "

@@ -21,7 +21,6 @@ of how to save a promotable checkpoint instead.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -37,6 +36,7 @@ from training.sdk.store import (
     EntryMeta,
     JobNotFoundError,
     JobRecord,
+    StoreError,
     default_account,
     validate_name,
 )
@@ -177,11 +177,17 @@ class ModelRegistry:
     def __init__(self, store: CheckpointStore | str | None = None, account: str | None = None,
                  *, api_key: str | None = None, base_url: str | None = None) -> None:
         del api_key, base_url  # accepted for source compatibility with the hosted SDK only
-        if isinstance(store, str) and store.startswith("fw_") and not os.path.exists(store):
-            # FireworksClient(key) positionally would otherwise create a store named after a secret.
-            raise TypeError("ModelRegistry's first argument is the checkpoint store; this looks "
-                            "like an API key: pass it as api_key=... (it is ignored locally)")
-        self.store = store if isinstance(store, CheckpointStore) else CheckpointStore(store)
+        if isinstance(store, CheckpointStore) or store is None:
+            self.store = store if store is not None else CheckpointStore()
+        else:
+            # A registry opens an existing store and never creates one: FireworksClient(key)
+            # with the API key given positionally must not make a directory named after it.
+            try:
+                self.store = CheckpointStore(store, create=False)
+            except StoreError as e:
+                raise StoreError(f"{e}. ModelRegistry / FireworksClient's first argument is the "
+                                 f"checkpoint store; an API key goes in api_key=... (it is "
+                                 f"ignored locally)") from None
         self.account = validate_name(account, "account") if account is not None else None
 
     def __repr__(self) -> str:

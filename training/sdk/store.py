@@ -184,7 +184,8 @@ class CheckpointStore:
     to fill and :meth:`commit` to publish it; readers see only committed entries.
     """
 
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, *, create: bool = True) -> None:
+        """``create=False`` opens only an existing store (:class:`StoreError` otherwise)."""
         root = root or default_storage_root()
         if "://" not in root:
             # Recorded in run.json and used from other directories: make it absolute.
@@ -193,7 +194,11 @@ class CheckpointStore:
         self.fs, root_path = fsspec.core.url_to_fs(self.root_url)
         self.root = root_path.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
+        elif not self.fs.isdir(self.root):
+            raise StoreError(f"no checkpoint store at {self.root_url}: check the path (or "
+                             f"InfraConfig.storage_root); nothing was created there")
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.root_url!r})"

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from training.sdk.deployments import DeploymentManager, HotloadError
+from training.sdk.store import StoreError
 from training.sdk.training_client import TrainingClient
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class WeightSyncer:
     reset_prompt_cache: bool = True
     lora_rank: int = 0
     """> 0 forces every snapshot to ``base`` (adapters are standalone: no delta chain)."""
-    last_hotload_error: HotloadError | None = field(default=None, init=False)
+    last_hotload_error: Exception | None = field(default=None, init=False)
     """Why the last :meth:`hotload` returned False."""
 
     def __post_init__(self) -> None:
@@ -85,8 +86,9 @@ class WeightSyncer:
     def hotload(self, snapshot_name: str, checkpoint_type: str | None = None) -> bool:
         """Sync a saved snapshot (name or identity) onto the deployment.
 
-        Returns True once it is served; False when the deployment refused it (it keeps serving
-        its previous weights; the reason is in :attr:`last_hotload_error` and the log).
+        Returns True once it is served; False when the deployment refused it or the store has no
+        such snapshot (it keeps serving its previous weights; the reason is in
+        :attr:`last_hotload_error` and the log).
         ``checkpoint_type`` is informational: the snapshot's own files say what it is.
         """
         del checkpoint_type
@@ -98,7 +100,9 @@ class WeightSyncer:
                 default_job_id=self.policy_client.job_id, timeout_s=self.hotload_timeout,
                 reset_prompt_cache=self.reset_prompt_cache, warmup=self.warmup_after_hotload,
                 warmup_max_retries=self.warmup_max_retries)
-        except HotloadError as e:
+        except (HotloadError, StoreError, ValueError) as e:
+            # A refused snapshot, one the store does not have (unknown or expired), or a
+            # malformed name: the deployment keeps serving what it had.
             self.last_hotload_error = e
             logger.error("hotload of %s onto %s failed: %s", snapshot_name, self.deployment_id, e)
             return False
