@@ -438,3 +438,30 @@ def test_weight_syncer_hotload_of_an_unknown_snapshot_returns_false(store_root, 
         assert "no sampler snapshot" in str(syncer.last_hotload_error) or \
             "no trainer job" in str(syncer.last_hotload_error)
     assert syncer.check_deployment_state().endswith(served)  # still serving what it had
+
+
+# ---------------------------------------------------------------- docs/porting.md
+_PORTING = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "porting.md"
+
+
+def test_porting_example_runs(store_root, tiny_model_dir, monkeypatch, capsys):
+    import re
+
+    monkeypatch.setenv("HOMEFIRE_STORAGE_ROOT", store_root)
+    blocks = re.findall(r"```python\n(.*?)```", _PORTING.read_text(), flags=re.S)
+    assert blocks, "docs/porting.md has no python example"
+    for block in blocks:
+        exec(compile(block, str(_PORTING), "exec"), {"__name__": "__porting__"})
+    printed = capsys.readouterr().out
+    assert "tinker://" in printed and "/weights/step-2" in printed
+
+
+def test_porting_table_names_real_tests():
+    import re
+
+    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", _PORTING.read_text())
+    assert len(named) >= 25
+    root = _PORTING.parent.parent
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), flags=re.M), \
+            f"docs/porting.md names {path}::{name}, which does not exist"

@@ -25,9 +25,9 @@ gspo               as ppo with every position's ratio replaced by the   low ``1 
 advantage. The clip thresholds may also be given per datum in ``loss_fn_inputs``, per position
 or as one value. Tinker documents ``beta=0.05`` as an example for ``dro``; it is our default.)
 
-A datum's ``loss_fn_inputs`` may hold only the keys its loss reads (plus ``routing_matrices``,
-which any loss accepts): a misspelled key (``wieghts``) is refused, not ignored. Custom losses
-(``forward_backward_custom``) get every key as it is.
+A datum's ``loss_fn_inputs`` may hold only the keys its loss reads: a misspelled key
+(``wieghts``) is refused, not ignored. Custom losses (``forward_backward_custom``) get every key
+as it is.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class BuiltinLoss:
 
     @property
     def accepted(self) -> tuple[str, ...]:
-        return ("target_tokens", *self.required, *self.optional, "routing_matrices")
+        return ("target_tokens", *self.required, *self.optional)
 
 
 def _cross_entropy(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor],
@@ -156,11 +156,11 @@ def check_loss_call(loss_fn: str, loss_fn_config: Mapping[str, Any] | None,
             hint = (" Weight-only datums (datum_from_model_input_weights) work with "
                     "forward_backward_custom." if "target_tokens" in missing else "")
             raise ValueError(f"datum {i}: loss {loss_fn!r} needs loss_fn_inputs {missing} "
-                             f"(it reads {list(loss.accepted[:-1])}).{hint}")
+                             f"(it reads {list(loss.accepted)}).{hint}")
         unknown = sorted(set(inputs) - set(loss.accepted))
         if unknown:
             raise ValueError(f"datum {i}: loss_fn_inputs key(s) {unknown} are not read by loss "
-                             f"{loss_fn!r}, which reads {list(loss.accepted[:-1])}: a "
+                             f"{loss_fn!r}, which reads {list(loss.accepted)}: a "
                              f"misspelling? (forward_backward_custom passes any key to your "
                              f"loss)")
     return config

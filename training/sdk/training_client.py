@@ -102,11 +102,10 @@ def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
 
 def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
     """A datum's per-position ``loss_fn_inputs`` as float tensors shaped like its logprobs
-    (a clip threshold may also be one value); ``target_tokens`` and ``routing_matrices`` are
-    read elsewhere."""
+    (a clip threshold may also be one value); ``target_tokens`` is read elsewhere."""
     inputs = {}
     for key, value in datum.loss_fn_inputs.items():
-        if key in ("target_tokens", "routing_matrices"):
+        if key == "target_tokens":
             continue
         tensor = value.to_torch().to(logprobs.device, torch.float32)
         if tensor.numel() == logprobs.numel():
