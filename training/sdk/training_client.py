@@ -15,9 +15,9 @@ import secrets
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -300,23 +300,47 @@ class TrainingClient(AwaitableSelf):
         if not datums:
             raise ValueError("no datums given")
         inputs, targets, shifted, weights = self._prepare(datums, require_targets)
+        per_datum, anchor = self._sharded(
+            inputs, lambda share: self._run_model(*(x[share] for x in (inputs, targets, shifted))),
+            lambda: self._run_model([[0]], [torch.zeros(1, dtype=torch.long)], [False]))
+        return per_datum, weights, anchor
+
+    def _embeddings(self, datums: Sequence[Datum], pooling: str,
+                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Per-datum pooled final hidden states ``[hidden_size]`` (fp32, with grad if enabled)
+        and the graph anchor of :meth:`_logprobs` (same sharding under torchrun)."""
+        if not datums:
+            raise ValueError("no datums given")
+        inputs = []
+        for i, datum in enumerate(datums):
+            tokens = datum.model_input.to_ints()
+            if not tokens:
+                raise ValueError(f"datum {i} has an empty model_input")
+            inputs.append(tokens)
+        return self._sharded(inputs, lambda share: self._run_embeddings(inputs[share], pooling),
+                             lambda: self._run_embeddings([[0]], pooling))
+
+    def _sharded(self, inputs: list[list[int]],
+                 run_share: Callable[[slice], list[torch.Tensor]],
+                 run_dummy: Callable[[], list[torch.Tensor]],
+                 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``run_share(slice)`` over all datums (one process), or over this rank's share with
+        the other ranks' results received detached (torchrun; see :meth:`_logprobs`)."""
         if not self.world.distributed:
-            return self._run_model(inputs, targets, shifted), weights, None
-        start, stop = distributed.shard_range(len(datums), self.world)
+            return run_share(slice(None)), None
+        start, stop = distributed.shard_range(len(inputs), self.world)
         if start < stop:
-            local = self._run_model(inputs[start:stop], targets[start:stop],
-                                    shifted[start:stop])
-            anchor = torch.stack([lp.sum() for lp in local]).sum() * 0.0
+            local = run_share(slice(start, stop))
+            anchor = torch.stack([t.sum() for t in local]).sum() * 0.0
         else:  # fewer datums than ranks: run one token so FSDP's collectives still match
             local = []
-            anchor = self._run_model([[0]], [torch.zeros(1, dtype=torch.long)], [False])[0].sum()
-            anchor = anchor * 0.0
-        shares = distributed.all_gather_object([lp.detach().float().cpu() for lp in local])
+            anchor = run_dummy()[0].sum() * 0.0
+        shares = distributed.all_gather_object([t.detach().float().cpu() for t in local])
         per_datum: list[torch.Tensor] = []
         for rank, share in enumerate(shares):
             per_datum.extend(local if rank == self.world.rank
-                             else [lp.to(self.device) for lp in share])
-        return per_datum, weights, anchor
+                             else [t.to(self.device) for t in share])
+        return per_datum, anchor
 
     def _prepare(self, datums: Sequence[Datum], require_targets: bool,
                  ) -> tuple[list[list[int]], list[torch.Tensor], list[bool],
@@ -359,16 +383,9 @@ class TrainingClient(AwaitableSelf):
     def _run_model(self, inputs: list[list[int]], targets: list[torch.Tensor],
                    shifted: list[bool]) -> list[torch.Tensor]:
         """One packed forward pass; the log-prob of each sequence's targets."""
-        batch = pack_sequences(inputs, targets, pad_id=self.tokenizer.pad_token_id or 0,
-                               attention_cost=self._attention_cost,
-                               per_document_attention=self._per_document_attention)
-        adapter_off = adapter_disabled(self.model) if self.adapter_disabled else nullcontext()
-        attention = (packed_attention(self.model) if self._per_document_attention
-                     else nullcontext())
+        batch = self._pack(inputs, targets)
         mask = batch.attention_mask
-        with adapter_off, attention, collective("running the forward pass"), torch.autocast(
-                self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                enabled=self.autocast_dtype is not None):
+        with self._forward_context():
             token_logprobs = self._token_logprobs(batch.input_ids.to(self.device),
                                                   batch.position_ids.to(self.device),
                                                   None if mask is None else mask.to(self.device),
@@ -380,6 +397,41 @@ class TrainingClient(AwaitableSelf):
                 lp = torch.cat([lp.new_zeros(1), lp[:-1]])
             per_datum.append(lp)
         return per_datum
+
+    def _run_embeddings(self, inputs: list[list[int]], pooling: str) -> list[torch.Tensor]:
+        """One packed forward pass; each sequence's final hidden states (after the last norm),
+        mean-pooled or its last position's, in fp32."""
+        batch = self._pack(inputs, [torch.zeros(len(t), dtype=torch.long) for t in inputs])
+        mask = batch.attention_mask
+        with self._forward_context():
+            # logits_to_keep=1: the vocabulary projection runs for one position only.
+            hidden = self.model(input_ids=batch.input_ids.to(self.device),
+                                position_ids=batch.position_ids.to(self.device),
+                                attention_mask=None if mask is None else mask.to(self.device),
+                                output_hidden_states=True, logits_to_keep=1,
+                                use_cache=False).hidden_states[-1]
+        pooled = []
+        for row, offset, length in batch.placements:
+            span = hidden[row, offset:offset + length].float()
+            pooled.append(span.mean(dim=0) if pooling == "mean" else span[-1])
+        return pooled
+
+    def _pack(self, inputs: list[list[int]], targets: list[torch.Tensor]) -> PackedBatch:
+        return pack_sequences(inputs, targets, pad_id=self.tokenizer.pad_token_id or 0,
+                              attention_cost=self._attention_cost,
+                              per_document_attention=self._per_document_attention)
+
+    @contextmanager
+    def _forward_context(self) -> Iterator[None]:
+        """What every forward pass runs under: the adapter switched off for a LoRA reference,
+        per-document attention, a collective's error handling and bf16 autocast."""
+        adapter_off = adapter_disabled(self.model) if self.adapter_disabled else nullcontext()
+        attention = (packed_attention(self.model) if self._per_document_attention
+                     else nullcontext())
+        with adapter_off, attention, collective("running the forward pass"), torch.autocast(
+                self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                enabled=self.autocast_dtype is not None):
+            yield
 
     def _builtin_loss(self, data: Sequence[Any], loss_fn: str,
                       loss_fn_config: dict[str, Any] | None,
@@ -430,42 +482,58 @@ class TrainingClient(AwaitableSelf):
         self._note_backward(len(output.loss_fn_outputs), int(output.metrics["num_loss_tokens"]))
         return _done(output)
 
-    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn,
+    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
+                                output: str = "logprobs", pooling: str = "mean",
                                 ) -> Future[ForwardBackwardOutput]:
-        """Forward + backward with your loss on the per-token logprobs.
+        """Forward + backward with your loss on the per-token logprobs (or embeddings).
 
         ``loss_fn(datums, logprobs_list)`` gets one 1-D tensor per datum (with grad; see
         ``datum_from_model_input_weights`` for the alignment of weight-only datums) and returns
         ``(loss, metrics)``: a scalar tensor to differentiate and a dict of floats.
+
+        With ``output="embedding"`` (seed 002) it gets instead one ``[hidden_size]`` fp32 tensor
+        per datum: the model's final hidden states (after the last norm, before the output
+        layer) pooled over the datum's tokens, ``pooling="mean"`` or ``"last"`` (the last
+        token's, for causal models the one that has seen the whole sequence). The outputs then
+        carry each datum's ``embedding``. Gradients accumulate until ``optim_step`` as for any
+        loss; ``num_loss_tokens`` counts one per datum.
         """
         self._check_trainable("forward_backward_custom")
+        if output not in ("logprobs", "embedding"):
+            raise ValueError(f"output={output!r}: expected 'logprobs' or 'embedding'")
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling={pooling!r}: expected 'mean' or 'last'")
         datums = [as_datum(d) for d in data]
-        logprobs, weights, anchor = self._logprobs(datums, require_targets=False)
-        result = loss_fn(datums, logprobs)
+        if output == "embedding":
+            values, anchor = self._embeddings(datums, pooling)
+            loss_tokens = len(datums)
+        else:
+            values, weights, anchor = self._logprobs(datums, require_targets=False)
+            loss_tokens = sum(int((w != 0).sum()) if w is not None else lp.numel()
+                              for lp, w in zip(values, weights, strict=True))
+        result = loss_fn(datums, values)
         if not (isinstance(result, tuple) and len(result) == 2):
             raise TypeError("custom loss_fn must return (loss_tensor, metrics_dict)")
         loss, metrics = result
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise TypeError("custom loss_fn must return a scalar torch.Tensor as its loss")
-        # Under torchrun a rank's loss may depend only on other ranks' (detached) log-probs:
-        # the check is whether any rank's does.
+        # Under torchrun a rank's loss may depend only on other ranks' (detached) values: the
+        # check is whether any rank's does.
         if not any(distributed.all_gather_object(loss.requires_grad)):
-            raise ValueError("the custom loss does not depend on the logprobs (no grad); "
-                             "build it from the logprobs_list tensors")
+            raise ValueError(f"the custom loss does not depend on the {output} (no grad); "
+                             f"build it from the tensors the loss function receives")
         if anchor is not None:
             loss = loss + anchor
         with collective("running the backward pass"):
             loss.backward()
-        loss_tokens = sum(int((w != 0).sum()) if w is not None else lp.numel()
-                          for lp, w in zip(logprobs, weights, strict=True))
         self._note_backward(len(datums), loss_tokens)
-        output = ForwardBackwardOutput(
+        output_key = "embedding" if output == "embedding" else "logprobs"
+        return _done(ForwardBackwardOutput(
             loss_fn_output_type="custom",
-            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
-                             for lp in logprobs],
+            loss_fn_outputs=[{output_key: TensorData.from_torch(v.detach().float())}
+                             for v in values],
             metrics={k: float(v) for k, v in (metrics or {}).items()},
-        )
-        return _done(output)
+        ))
 
     def _check_trainable(self, method: str) -> None:
         if self.frozen:
