@@ -19,6 +19,7 @@ hidden states the same way (``pooling``).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from training.sdk.models import load_tokenizer
 from training.sdk.store import CheckpointStore
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import SupervisedDataset, dataset_fingerprint
-from training.utils.embedding_data import SAMPLE_PAIRS_PATH, info_nce, load_pairs, pair_datums
+from training.utils.embedding_data import SAMPLE_PAIRS_PATH, load_pairs, pair_datums, pair_loss
 from training.utils.run import ResumableRun, RunResult
 
 POOLINGS = ("mean", "last")
@@ -95,8 +96,8 @@ def main(config: Config) -> RunResult:
                                   min(config.batch_size, data_limit - data_consumed))
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(
-                datums, lambda _, embeddings, n=len(batch): info_nce(
-                    embeddings, n, config.temperature),
+                datums, functools.partial(pair_loss, batch_size=len(batch),
+                                          temperature=config.temperature),
                 output="embedding", pooling=config.pooling).result()
             # info_nce is already a mean over the batch's queries.
             optim = client.optim_step(run.adam_params(step), grad_accumulation_normalization=(

@@ -138,3 +138,10 @@ def info_nce(embeddings: Sequence[torch.Tensor], batch_size: int, temperature: f
                    "negative_similarity": float(others.nanmean()) if others.numel() > batch_size
                    else 0.0}
     return loss, metrics
+
+
+def pair_loss(datums: Sequence[Datum], embeddings: Sequence[torch.Tensor], *, batch_size: int,
+              temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`info_nce` as a ``forward_backward_custom`` loss function (bind ``batch_size``
+    and ``temperature`` with ``functools.partial``)."""
+    return info_nce(embeddings, batch_size, temperature)
