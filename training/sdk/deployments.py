@@ -41,6 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.models import load_causal_lm, load_tokenizer, model_source
+from training.sdk.routing import capture_routing, moe_routers
 from training.sdk.snapshots import (
     SnapshotError,
     apply_delta,
@@ -126,6 +127,11 @@ class InferenceEngine(abc.ABC):
         raise DeploymentError(f"the {self.name} engine does not serve prompt logprobs; use "
                               f"TrainingClient.forward for logprobs of given tokens")
 
+    def routing_matrix(self, tokens: Sequence[int]) -> torch.Tensor:
+        """``[tokens, moe_layers, top_k]`` experts each token is routed to under the served
+        weights (MoE models; see :mod:`training.sdk.routing`)."""
+        raise DeploymentError(f"the {self.name} engine does not report expert routing")
+
     def reset_prompt_cache(self) -> None:  # noqa: B027 (optional hook; default: no cache)
         """Forget cached prompt KV state (stale once the weights change)."""
 
@@ -207,6 +213,16 @@ class TransformersEngine(InferenceEngine):
             top += [list(zip(i.tolist(), v.tolist(), strict=True))
                     for i, v in zip(indices, values, strict=True)]
         return [None, *chosen], top if topk > 0 else []
+
+    @torch.no_grad()
+    def routing_matrix(self, tokens: Sequence[int]) -> torch.Tensor:
+        if not moe_routers(self.model):
+            raise DeploymentError("the served model has no mixture-of-experts layers: it has "
+                                  "no routing matrix")
+        ids = torch.tensor([list(map(int, tokens))], device=self.device)
+        with capture_routing(self.model) as captured:
+            self.model(input_ids=ids, use_cache=False)
+        return torch.stack(captured, dim=1)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -478,6 +494,12 @@ class Deployment:
         :meth:`InferenceEngine.prompt_logprobs`."""
         with self._lock:
             return self._engine().prompt_logprobs(prompt, topk)
+
+    def routing_matrix(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Expert routing of ``tokens`` under the served weights; see
+        :meth:`InferenceEngine.routing_matrix`."""
+        with self._lock:
+            return self._engine().routing_matrix(tokens)
 
     def _engine(self) -> InferenceEngine:
         if self.state == "DELETED":

@@ -25,9 +25,10 @@ gspo               as ppo with every position's ratio replaced by the   low ``1 
 advantage. The clip thresholds may also be given per datum in ``loss_fn_inputs``, per position
 or as one value. Tinker documents ``beta=0.05`` as an example for ``dro``; it is our default.)
 
-A datum's ``loss_fn_inputs`` may hold only the keys its loss reads: a misspelled key
-(``wieghts``) is refused, not ignored. Custom losses (``forward_backward_custom``) get every key
-as it is.
+A datum's ``loss_fn_inputs`` may hold only the keys its loss reads (plus ``routing_matrices``,
+which replays an MoE model's expert routing under any loss: :mod:`training.sdk.routing`): a
+misspelled key (``wieghts``) is refused, not ignored. Custom losses (``forward_backward_custom``)
+get every key as it is (``routing_matrices`` is replayed there too).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class BuiltinLoss:
 
     @property
     def accepted(self) -> tuple[str, ...]:
-        return ("target_tokens", *self.required, *self.optional)
+        return ("target_tokens", *self.required, *self.optional, "routing_matrices")
 
 
 def _cross_entropy(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor],

@@ -99,6 +99,11 @@ class SampledCompletion:
     """``stop`` (stop token or string) or ``length`` (``max_tokens`` reached)."""
     prompt_tokens: list[int] = field(default_factory=list)
     """The rendered prompt's token ids."""
+    routing_matrix: Any = None
+    """With ``include_routing_matrix=True`` (MoE models): int64 ``[prompt + completion tokens,
+    moe_layers, top_k]``, the experts each token went to under the served weights. Pass
+    ``routing_matrix[:-1]`` as ``loss_fn_inputs["routing_matrices"]`` of the datum whose
+    ``model_input`` is ``full_tokens[:-1]`` to replay it in training."""
 
     @property
     def full_tokens(self) -> list[int]:
@@ -148,17 +153,25 @@ class DeploymentSampler:
                                 max_tokens: int = 64, temperature: float = 1.0,
                                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None,
                                 stop: str | list[str] | list[int] | None = None,
+                                include_routing_matrix: bool = False,
                                 ) -> list[SampledCompletion]:
-        """``n`` completions of the chat ``messages`` (one batch)."""
+        """``n`` completions of the chat ``messages`` (one batch); with
+        ``include_routing_matrix`` each carries its MoE expert routing (one more forward pass
+        per completion, under the same weights: no hotload in between)."""
         prompt = self.render(messages)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop)
-        sequences = self.deploy_mgr.get(self.deployment_id).sample([prompt], params, n)[0]
+        deployment = self.deploy_mgr.get(self.deployment_id)
+        with deployment._lock:  # re-entrant: sampling and routing see the same weights
+            sequences = deployment.sample([prompt], params, n)[0]
+            routing = [deployment.routing_matrix([*prompt, *s.tokens]) if include_routing_matrix
+                       else None for s in sequences]
         tokenizer = self.tokenizer
         return [SampledCompletion(text=tokenizer.decode(s.tokens, skip_special_tokens=True),
                                   tokens=s.tokens, logprobs=s.logprobs or [],
-                                  finish_reason=s.stop_reason, prompt_tokens=prompt)
-                for s in sequences]
+                                  finish_reason=s.stop_reason, prompt_tokens=prompt,
+                                  routing_matrix=r)
+                for s, r in zip(sequences, routing, strict=True)]
 
     async def sample_with_tokens(self, messages: Sequence[dict[str, Any]], n: int = 1,
                                  **kwargs: Any) -> list[SampledCompletion]:

@@ -41,6 +41,7 @@ from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
 from training.sdk.losses import BUILTIN_LOSSES, check_loss_call, loss_tokens
 from training.sdk.packed_attention import packed_attention, supports_packed_attention
+from training.sdk.routing import capture_routing, moe_routers, replay_routing
 from training.sdk.snapshots import (
     DEFAULT_DELTA_ENCODING,
     DELTA_ENCODINGS,
@@ -102,10 +103,11 @@ def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
 
 def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
     """A datum's per-position ``loss_fn_inputs`` as float tensors shaped like its logprobs
-    (a clip threshold may also be one value); ``target_tokens`` is read elsewhere."""
+    (a clip threshold may also be one value); ``target_tokens`` and ``routing_matrices`` are
+    read elsewhere."""
     inputs = {}
     for key, value in datum.loss_fn_inputs.items():
-        if key == "target_tokens":
+        if key in ("target_tokens", "routing_matrices"):
             continue
         tensor = value.to_torch().to(logprobs.device, torch.float32)
         if tensor.numel() == logprobs.numel():
@@ -119,6 +121,28 @@ def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[s
 
 
 _done = completed
+
+
+def _pack_routing(routing: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
+    """Per MoE layer, the ``[rows * row_len, top_k]`` experts of every packed position (the
+    order routers see tokens in); padding goes to experts ``0..top_k-1`` (its output is
+    never read)."""
+    rows, row_len = batch.input_ids.shape
+    layers, top_k = routing[0].shape[1:]
+    flat = torch.arange(top_k).expand(rows * row_len, layers, top_k).clone()
+    for (row, offset, length), matrix in zip(batch.placements, routing, strict=True):
+        start = row * row_len + offset
+        flat[start:start + length] = matrix
+    return [flat[:, layer] for layer in range(layers)]
+
+
+def _unpack_routing(captured: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
+    """Each sequence's ``[tokens, moe_layers, top_k]`` routing from one packed forward pass's
+    per-router ``[rows * row_len, top_k]`` captures."""
+    stacked = torch.stack(captured, dim=1)
+    row_len = batch.input_ids.shape[1]
+    return [stacked[row * row_len + offset:row * row_len + offset + length].clone()
+            for row, offset, length in batch.placements]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -189,6 +213,7 @@ class TrainingClient(AwaitableSelf):
         token_logprobs = functools.partial(_token_logprobs, model)
         # Compiling the loss with the model lets inductor fuse the fp32 upcast, log-softmax and
         # gather of the logits into the lm_head's epilogue (and the same in backward).
+        self._eager_token_logprobs = token_logprobs
         self._token_logprobs = (torch.compile(token_logprobs, dynamic=True) if compile
                                 else token_logprobs)
         # Attention per document where the model allows it (no dense mask, no padding but
@@ -284,6 +309,7 @@ class TrainingClient(AwaitableSelf):
 
     # ---------------------------------------------------------------- forward passes
     def _logprobs(self, datums: Sequence[Datum], *, require_targets: bool,
+                  routing_out: list[torch.Tensor] | None = None,
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], torch.Tensor | None]:
         """Per-datum log-probabilities (with grad if enabled), weights, and a graph anchor.
 
@@ -296,12 +322,18 @@ class TrainingClient(AwaitableSelf):
         of all ranks are exactly the gradient of that loss. The anchor (None for one process) is
         a zero that depends on every parameter this rank ran: add it to the loss so that each
         rank takes part in FSDP's gradient reduction even with no datum of its own.
+
+        Datums with ``routing_matrices`` run with that expert routing (MoE models, see
+        :mod:`training.sdk.routing`); ``routing_out`` (a list) receives each datum's own
+        routing matrix (this rank's datums under torchrun).
         """
         if not datums:
             raise ValueError("no datums given")
-        inputs, targets, shifted, weights = self._prepare(datums, require_targets)
+        inputs, targets, shifted, weights, routing = self._prepare(datums, require_targets)
         per_datum, anchor = self._sharded(
-            inputs, lambda share: self._run_model(*(x[share] for x in (inputs, targets, shifted))),
+            inputs, lambda share: self._run_model(
+                inputs[share], targets[share], shifted[share],
+                routing=None if routing is None else routing[share], routing_out=routing_out),
             lambda: self._run_model([[0]], [torch.zeros(1, dtype=torch.long)], [False]))
         return per_datum, weights, anchor
 
@@ -344,9 +376,11 @@ class TrainingClient(AwaitableSelf):
 
     def _prepare(self, datums: Sequence[Datum], require_targets: bool,
                  ) -> tuple[list[list[int]], list[torch.Tensor], list[bool],
-                            list[torch.Tensor | None]]:
+                            list[torch.Tensor | None], list[torch.Tensor] | None]:
         """Check every datum (on every rank, so all of them raise the same error) and unpack
-        token ids, targets (shifted inputs for weight-only datums) and weights."""
+        token ids, targets (shifted inputs for weight-only datums), weights and routing
+        matrices (None when no datum has one)."""
+        routing = self._routing_matrices(datums)
         inputs: list[list[int]] = []
         targets: list[torch.Tensor] = []
         shifted: list[bool] = []
@@ -378,18 +412,53 @@ class TrainingClient(AwaitableSelf):
                     raise ValueError(f"datum {i}: weights has {w.numel()} entries, model_input "
                                      f"has {len(tokens)} tokens; they must match")
             weights.append(w)
-        return inputs, targets, shifted, weights
+        return inputs, targets, shifted, weights, routing
+
+    def _routing_matrices(self, datums: Sequence[Datum]) -> list[torch.Tensor] | None:
+        """Each datum's ``routing_matrices`` as ``[tokens, moe_layers, top_k]`` int64 (all of
+        them or none)."""
+        given = ["routing_matrices" in d.loss_fn_inputs for d in datums]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError(f"datums {[i for i, g in enumerate(given) if not g]} have no "
+                             f"routing_matrices but others do: give them to every datum of a "
+                             f"call or to none")
+        routers = moe_routers(self.model)
+        if not routers:
+            raise ValueError(f"routing_matrices given, but {self.base_model} has no "
+                             f"mixture-of-experts layers to route")
+        if self._token_logprobs is not self._eager_token_logprobs:
+            raise ValueError("routing replay does not run under compile=True; create the "
+                             "service without compile")
+        matrices = []
+        for i, datum in enumerate(datums):
+            matrix = datum.loss_fn_inputs["routing_matrices"].to_torch().long()
+            expected = (datum.model_input.length, len(routers), routers[0].top_k)
+            if tuple(matrix.shape) != expected:
+                raise ValueError(f"datum {i}: routing_matrices has shape {tuple(matrix.shape)}; "
+                                 f"expected [tokens, moe_layers, top_k] = {list(expected)}")
+            matrices.append(matrix)
+        return matrices
 
     def _run_model(self, inputs: list[list[int]], targets: list[torch.Tensor],
-                   shifted: list[bool]) -> list[torch.Tensor]:
-        """One packed forward pass; the log-prob of each sequence's targets."""
+                   shifted: list[bool], routing: list[torch.Tensor] | None = None,
+                   routing_out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """One packed forward pass; the log-prob of each sequence's targets (with ``routing``,
+        under those expert choices; ``routing_out`` receives each sequence's own)."""
         batch = self._pack(inputs, targets)
         mask = batch.attention_mask
-        with self._forward_context():
+        replay = (nullcontext() if routing is None
+                  else replay_routing(self.model, _pack_routing(routing, batch)))
+        capture = (capture_routing(self.model) if routing_out is not None
+                   else nullcontext(None))
+        with self._forward_context(), replay, capture as captured:
             token_logprobs = self._token_logprobs(batch.input_ids.to(self.device),
                                                   batch.position_ids.to(self.device),
                                                   None if mask is None else mask.to(self.device),
                                                   batch.target_ids.to(self.device))
+        if captured:
+            routing_out.extend(_unpack_routing(captured, batch))
         per_datum = []
         for i, (row, offset, length) in enumerate(batch.placements):
             lp = token_logprobs[row, offset:offset + length]
@@ -440,7 +509,10 @@ class TrainingClient(AwaitableSelf):
         datums = [as_datum(d) for d in data]
         config = check_loss_call(loss_fn, loss_fn_config, [d.loss_fn_inputs for d in datums])
         per_position = BUILTIN_LOSSES[loss_fn].per_position
-        logprobs, _, anchor = self._logprobs(datums, require_targets=True)
+        # An MoE model's forward passes report their routing (the reference's, for replay).
+        routing: list[torch.Tensor] | None = (
+            [] if moe_routers(self.model) and not self.world.distributed else None)
+        logprobs, _, anchor = self._logprobs(datums, require_targets=True, routing_out=routing)
         loss = logprobs[0].new_zeros(()) if anchor is None else anchor
         tokens = 0
         for i, (datum, lp) in enumerate(zip(datums, logprobs, strict=True)):
@@ -449,8 +521,10 @@ class TrainingClient(AwaitableSelf):
             tokens += loss_tokens(loss_fn, inputs, lp.numel())
         output = ForwardBackwardOutput(
             loss_fn_output_type=loss_fn,
-            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float())}
-                             for lp in logprobs],
+            loss_fn_outputs=[
+                {"logprobs": TensorData.from_torch(lp.detach().float()),
+                 **({"routing_matrices": TensorData.from_torch(routing[i])} if routing else {})}
+                for i, lp in enumerate(logprobs)],
             metrics={"loss:sum": float(loss.detach()), "num_loss_tokens": float(tokens),
                      "num_sequences": float(len(datums))},
         )
