@@ -1,0 +1,221 @@
+"""The HTTP face of the trainer server: Tinker's ``/api/v1`` endpoints on FastAPI.
+
+The endpoint table, the futures flow and what is not served are in ``docs/server.md``; the
+protocol facts come from ``tinker`` 0.38's source. Errors are answered as Tinker's
+``{"error", "category"}`` JSON (with a 4xx status where the request itself is refused), which the
+client turns into ``RequestFailedError`` / ``ValueError`` and stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from training.sdk.rest_client import RestClient
+from training.sdk.store import StoreError
+from training.server.service import PROTOBUF, RequestError, TrainerService
+from training.server.wire import WireError
+
+logger = logging.getLogger("homefire.server")
+
+__all__ = ["create_app"]
+
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""Largest request body accepted (a forward_backward of a few hundred thousand tokens)."""
+RETRIEVE_WAIT_S = 40.0
+"""How long ``retrieve_future`` holds a request open: the client gives up at 45 s."""
+
+CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "parallel_fwdbwd_chunks": False,  # chunks in seq_id order, one at a time
+    "proto_compress_fwdbwd": False,
+    "sample_use_retrieve_futures": False,
+    "sample_join_sampling_session": False,
+    "custom_loss_server_side": False,
+}
+"""``/client/config``: the feature flags this server supports (see docs/server.md)."""
+
+
+def _error(message: str, status: int, category: str = "user") -> JSONResponse:
+    return JSONResponse({"error": message, "category": category, "detail": message},
+                        status_code=status)
+
+
+def create_app(service: TrainerService, api_key: str | None = None) -> FastAPI:
+    """The ASGI app serving ``service``; with ``api_key``, every request but ``/healthz``
+    must carry it as ``X-API-Key``."""
+    app = FastAPI(title="homefire trainer server", docs_url=None, redoc_url=None)
+    rest = RestClient(service.store, service.capabilities)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        if api_key is not None and not path.endswith("/healthz") \
+                and request.headers.get("x-api-key") != api_key:
+            response: Response = _error("missing or wrong X-API-Key", 401)
+        elif int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            response = _error(f"request body over {MAX_BODY_BYTES} bytes", 413)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # noqa: BLE001 (never a bare 500 without a body)
+                logger.exception("%s %s failed", request.method, path)
+                response = _error("internal server error (see the server log)", 500, "server")
+        logger.info("%s %s %d %.1f ms", request.method, path, response.status_code,
+                    1000 * (time.perf_counter() - started))
+        return response
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, e: RequestError) -> JSONResponse:
+        return _error(str(e), e.status)
+
+    @app.exception_handler(WireError)
+    async def undecodable(_: Request, e: WireError) -> JSONResponse:
+        return _error(str(e), 400)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, e: StoreError) -> JSONResponse:
+        return _error(str(e.args[0]) if e.args else str(e), 404 if isinstance(e, KeyError)
+                      else 400)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, e: ValueError) -> JSONResponse:
+        return _error(str(e), 400)
+
+    async def body_json(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise RequestError("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    api = "/api/v1"
+
+    # ---- health, configuration, sessions
+    @app.get(f"{api}/healthz")
+    async def healthz() -> Response:
+        if not service.ready.is_set():
+            return _error("starting: loading the base models", 503, "server")
+        return JSONResponse({"status": "ok"})
+
+    @app.post(f"{api}/client/config")
+    async def client_config() -> dict[str, Any]:
+        return CLIENT_CONFIG
+
+    @app.post(f"{api}/client/dynamic_config")
+    async def dynamic_config() -> dict[str, Any]:
+        return {"refresh_interval_sec": 300, "sample_cancel_enabled": False,
+                "sample_cancel_max_batch_size": 0}
+
+    @app.post(f"{api}/create_session")
+    async def create_session(request: Request) -> dict[str, Any]:
+        return service.create_session(await body_json(request))
+
+    @app.post(f"{api}/session_heartbeat")
+    async def heartbeat() -> dict[str, Any]:
+        return {"type": "session_heartbeat"}
+
+    @app.post(f"{api}/telemetry")
+    async def telemetry() -> dict[str, Any]:
+        return {"status": "accepted"}
+
+    @app.post(api + "/sessions/{session_id}/finish")
+    async def finish(session_id: str) -> dict[str, Any]:
+        service.finish_session(session_id)
+        return {"status": "ok"}
+
+    # ---- training
+    @app.post(f"{api}/create_model")
+    async def create_model(request: Request) -> dict[str, Any]:
+        return service.create_model(await body_json(request))
+
+    @app.post(f"{api}/get_info")
+    async def get_info(request: Request) -> dict[str, Any]:
+        return service.get_info(await body_json(request))
+
+    @app.post(f"{api}/forward_backward")
+    async def forward_backward(request: Request) -> dict[str, Any]:
+        if request.headers.get("content-type", "").startswith(PROTOBUF):
+            return service.forward_backward(await request.body())
+        raise RequestError("forward_backward takes the ForwardBackwardRequest protobuf "
+                           "(Content-Type: application/x-protobuf), as tinker 0.38 sends it")
+
+    @app.post(f"{api}/optim_step")
+    async def optim_step(request: Request) -> dict[str, Any]:
+        return service.optim_step(await body_json(request))
+
+    @app.post(f"{api}/save_weights")
+    async def save_weights(request: Request) -> dict[str, Any]:
+        return service.save_weights(await body_json(request))
+
+    @app.post(f"{api}/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
+        return service.save_weights_for_sampler(await body_json(request))
+
+    @app.post(f"{api}/load_weights")
+    async def load_weights(request: Request) -> dict[str, Any]:
+        return service.load_weights(await body_json(request))
+
+    @app.post(f"{api}/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        return service.weights_info(await body_json(request))
+
+    # ---- sampling
+    @app.post(f"{api}/create_sampling_session")
+    async def create_sampling_session(request: Request) -> dict[str, Any]:
+        return service.create_sampling_session(await body_json(request))
+
+    @app.get(api + "/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str) -> dict[str, Any]:
+        return service.get_sampler(sampler_id)
+
+    @app.post(f"{api}/asample")
+    async def asample(request: Request) -> dict[str, Any]:
+        return service.asample(await body_json(request))
+
+    # ---- futures
+    @app.post(f"{api}/retrieve_future")
+    async def retrieve_future(request: Request) -> Response:
+        body = await body_json(request)
+        request_id = body.get("request_id")
+        record = await asyncio.to_thread(service.futures.wait, str(request_id), RETRIEVE_WAIT_S)
+        if record is None:
+            return _error(f"unknown request_id {request_id!r}", 404)
+        if record.status == "pending":
+            return JSONResponse({"type": "try_again", "request_id": record.request_id,
+                                 "queue_state": "active"})
+        return Response(record.payload, media_type=record.content_type or "application/json")
+
+    # ---- REST: runs and checkpoints
+    @app.get(f"{api}/get_server_capabilities")
+    async def capabilities() -> dict[str, Any]:
+        return service.capabilities()
+
+    @app.get(f"{api}/training_runs")
+    async def training_runs(limit: int = 20, offset: int = 0) -> Any:
+        return rest.list_training_runs(limit, offset).result().model_dump(mode="json")
+
+    @app.get(api + "/training_runs/{run_id}")
+    async def training_run(run_id: str) -> Any:
+        return rest.get_training_run(run_id).result().model_dump(mode="json")
+
+    @app.get(api + "/training_runs/{run_id}/checkpoints")
+    async def checkpoints(run_id: str) -> Any:
+        return rest.list_checkpoints(run_id).result().model_dump(mode="json")
+
+    @app.delete(api + "/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(run_id: str, kind: str, name: str) -> Any:
+        rest.delete_checkpoint(run_id, f"{kind}/{name}").result()
+        return {}
+
+    return app
