@@ -131,7 +131,8 @@ def as_tensor_data(key: str, value: Any) -> TensorData:
         if array.dtype.kind not in "biuf":
             raise TypeError(f"loss_fn_inputs[{key!r}] must hold numbers, got a numpy array of "
                             f"dtype {array.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     elif isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
