@@ -12,7 +12,9 @@ weights for resuming and are refused with an explanation::
         --step 50 --output-model-id my-fine-tuned-model
 
 A row needs ``sampler_path`` (the snapshot name, e.g. ``step-50-a1b2c3d4``) and
-``source_job_id``; ``step`` selects it with ``--step`` and names the default model id, and
+``source_job_id``, or a ``sampler_path`` that is a ``tinker://<run>/sampler_weights/<name>`` path
+(rows that tinker-cookbook writes through the trainer server); ``step`` (or the cookbook's
+``batch``) selects it with ``--step`` and names the default model id, and
 ``base_model``, when present, is checked against the trainer job's. The checkpoint store is
 ``--storage-root``, else the ``storage_root`` recorded in ``run.json`` beside the JSONL file,
 else the default store. Bad input exits with status 2 and a message on stderr.
@@ -54,7 +56,8 @@ class CheckpointRow:
 
     @property
     def step(self) -> Any:
-        return self.fields.get("step")
+        """``step`` (homefire's rows), else ``batch`` (tinker-cookbook's rows)."""
+        return self.fields.get("step", self.fields.get("batch"))
 
     @property
     def sampler_path(self) -> str | None:
@@ -188,11 +191,23 @@ def _promote(args: argparse.Namespace) -> int:
     jsonl_path: Path = args.checkpoints_jsonl
     row = select_row(read_checkpoint_rows(jsonl_path), args.step, jsonl_path)
     job_id = row.fields.get("source_job_id")
+    sampler_path = row.sampler_path
+    if isinstance(sampler_path, str) and sampler_path.startswith("tinker://"):
+        # A row written by a tinker client (tinker-cookbook) through the trainer server.
+        from training.sdk.store import parse_tinker_path
+
+        try:
+            job_id, kind, sampler_path = parse_tinker_path(sampler_path)
+        except ValueError as e:
+            raise PromoteInputError(f"{row.where}: {e}") from None
+        if kind != "sampler":
+            raise PromoteInputError(f"{row.where}: sampler_path {row.sampler_path!r} is a "
+                                    f"train state, not a sampler checkpoint")
     if not isinstance(job_id, str) or not job_id:
         raise PromoteInputError(f"{row.where} has a sampler_path but no source_job_id; add the "
                                 f"id of the trainer job that saved it")
-    if not isinstance(row.sampler_path, str):
-        raise PromoteInputError(f"{row.where}: sampler_path is {row.sampler_path!r}, not a "
+    if not isinstance(sampler_path, str):
+        raise PromoteInputError(f"{row.where}: sampler_path is {sampler_path!r}, not a "
                                 f"snapshot name")
 
     # Imported only now: it pulls in torch and transformers, which --help and bad input skip.
@@ -220,7 +235,7 @@ def _promote(args: argparse.Namespace) -> int:
     try:
         registry = ModelRegistry(storage_root, account=args.account)
         print(f"store: {registry.store.root_url} ({source})")
-        name = registry.checkpoint_name(job_id, row.sampler_path)
+        name = registry.checkpoint_name(job_id, sampler_path)
         print(f"promoting step {row.step}: {name} ({row.where})")
         model = registry.promote_checkpoint(name=name, output_model_id=output_model_id,
                                             base_model=row.fields.get("base_model"),

@@ -42,5 +42,8 @@ fi
 
 echo "setup: installing homefire and its dependencies"
 "${pip[@]}" -e ".[dev]"
+# The cookbook the trainer server is tested against (tests/test_tinker_cookbook.py). Without
+# --no-deps pip refuses it: it requires tml-renderers>=0.4.1, which the registry does not serve.
+"${pip[@]}" --no-deps "tinker-cookbook==0.6.1"
 touch "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

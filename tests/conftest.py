@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,43 @@ def final_sampler_weights(base: str | Path, log_path: str | Path) -> dict:
     store = CheckpointStore(str(Path(base) / "store"))
     return load_file(f"{store.sampler_dir(final['source_job_id'], final['sampler_path'])}"
                      f"/model.safetensors")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrainerServerThread:
+    """A trainer server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, store_root: str, api_key: str | None = None,
+                 base_models: tuple[str, ...] | list[str] = (TEST_MODEL,)) -> None:
+        import uvicorn
+
+        from training.server.app import create_app
+        from training.server.service import TrainerService
+
+        self.service = TrainerService(list(base_models), store_root, device="cpu",
+                                      mixed_precision="no")
+        self.service.warm_up()
+        self.port = _free_port()
+        config = uvicorn.Config(create_app(self.service, api_key=api_key), host="127.0.0.1",
+                                port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started, "the server did not start"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.service.close()

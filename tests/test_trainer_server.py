@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -14,57 +13,20 @@ import numpy as np
 import pytest
 import tinker
 import torch
-import uvicorn
 
 from training.sdk import ServiceClient
-from training.server.app import create_app
 from training.server.futures import FutureStore
-from training.server.service import TrainerService
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, TrainerServerThread
 
 API_KEY = "tml-test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A trainer server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, store_root: str, api_key: str | None = None) -> None:
-        self.service = TrainerService([TEST_MODEL], store_root, device="cpu",
-                                      mixed_precision="no")
-        self.service.warm_up()
-        self.port = _free_port()
-        config = uvicorn.Config(create_app(self.service, api_key=api_key), host="127.0.0.1",
-                                port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started, "the server did not start"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.service.close()
-
-
 @pytest.fixture
-def server(store_root, tiny_model_dir, monkeypatch) -> Iterator[_Server]:
+def server(store_root, tiny_model_dir, monkeypatch) -> Iterator[TrainerServerThread]:
     monkeypatch.setenv("TINKER_API_KEY", API_KEY)
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    running = _Server(store_root)
+    running = TrainerServerThread(store_root)
     try:
         yield running
     finally:
@@ -221,7 +183,7 @@ def test_bad_requests_get_4xx_with_a_message(server):
 
 def test_api_key_is_required_when_set(store_root, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    secured = _Server(store_root, api_key="tml-secret")
+    secured = TrainerServerThread(store_root, api_key="tml-secret")
     try:
         api = f"{secured.url}/api/v1"
         status, body = _post(f"{api}/create_session", b"{}")

@@ -1,0 +1,101 @@
+"""tinker-cookbook 0.6.1's own supervised loop, unchanged, against the trainer server.
+
+The cookbook finds the tokenizer by model name (a local directory loads offline), renders the
+chats with its qwen3 renderer and trains a LoRA adapter over the wire; killed after a
+checkpoint, it resumes from its checkpoints.jsonl like it does against Tinker, and what it saved
+promotes with scripts/promote_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import TrainerServerThread
+
+pytest.importorskip("tinker_cookbook", reason="tinker-cookbook is installed by "
+                                              "scripts/setup.sh (--no-deps, see README)")
+
+from tinker_cookbook.renderers import TrainOnWhat  # noqa: E402
+from tinker_cookbook.supervised import train  # noqa: E402
+from tinker_cookbook.supervised.data import FromConversationFileBuilder  # noqa: E402
+from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CHATS = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                       {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}
+         for a in range(3, 11) for b in range(2, 6)]
+
+
+def _config(model_dir: str, data: Path, log_path: Path, url: str) -> train.Config:
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=model_dir, renderer_name="qwen3", max_length=128,
+        batch_size=4, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
+    return train.Config(
+        log_path=str(log_path), model_name=model_dir, recipe_name="homefire_test",
+        renderer_name="qwen3",
+        dataset_builder=FromConversationFileBuilder(common_config=common, file_path=str(data)),
+        learning_rate=1e-3, lr_schedule="linear", num_epochs=1, lora_rank=4, base_url=url,
+        save_every=3, eval_every=0, max_steps=8, ttl_seconds=None)
+
+
+def _final_adapter(store_root: str, log_path: Path) -> dict[str, torch.Tensor]:
+    rows = [json.loads(line) for line in (log_path / "checkpoints.jsonl").read_text()
+            .splitlines()]
+    run, _, name = rows[-1]["sampler_path"].removeprefix("tinker://").split("/")
+    return load_file(str(Path(store_root) / "jobs" / run / "samplers" / name
+                         / "adapter_model.safetensors"))
+
+
+def test_cookbook_supervised_loop_trains_resumes_and_promotes(store_root, tiny_model_dir,
+                                                             tmp_path, monkeypatch):
+    monkeypatch.setenv("TINKER_API_KEY", "tml-test")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    model_dir = str(tiny_model_dir)
+    server = TrainerServerThread(store_root, base_models=[model_dir])
+    try:
+        log = tmp_path / "run"
+        asyncio.run(train.main(_config(model_dir, data, log, server.url)))
+        rows = [json.loads(line) for line in (log / "checkpoints.jsonl").read_text()
+                .splitlines()]
+        assert [r["name"] for r in rows] == ["000003", "000006", "final"]
+        first_final = _final_adapter(store_root, log)
+        # As if the run had been killed right after its step-3 checkpoint: rerun it.
+        (log / "checkpoints.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        asyncio.run(train.main(_config(model_dir, data, log, server.url)))
+        resumed_rows = [json.loads(line) for line in (log / "checkpoints.jsonl").read_text()
+                        .splitlines()]
+        # The cookbook resumes at the saved batch (and saves it again once it re-ran it).
+        assert resumed_rows[0] == rows[0] and resumed_rows[-1]["name"] == "final"
+        assert [r["batch"] for r in resumed_rows[1:-1]] == [3, 6]
+        assert resumed_rows[-1]["state_path"] != rows[-1]["state_path"]  # a new run resumed
+        metrics = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+        first_resumed = metrics[8]  # after the 8 steps of the first attempt
+        assert first_resumed["learning_rate"] == pytest.approx(metrics[3]["learning_rate"])
+        resumed = _final_adapter(store_root, log)
+        assert resumed.keys() == first_final.keys()
+        # Not bitwise the first attempt's: the cookbook re-trains the batches it had submitted
+        # after the saved step (see docs/server.md); exact resume over the wire is tested in
+        # test_trainer_server.py.
+        assert any(not torch.equal(first_final[k], resumed[k]) for k in resumed)
+    finally:
+        server.stop()
+    promoted = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "promote_checkpoint.py"), "--checkpoints-jsonl",
+         str(log / "checkpoints.jsonl"), "--storage-root", store_root, "--output-model-id",
+         "cookbook-sft", "--merge"], capture_output=True, text=True, timeout=120)
+    assert promoted.returncode == 0, promoted.stderr
+    from transformers import AutoModelForCausalLM
+
+    path = promoted.stdout.split("path:")[1].split()[0]
+    assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == 64
