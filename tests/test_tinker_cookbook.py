@@ -99,3 +99,35 @@ def test_cookbook_supervised_loop_trains_resumes_and_promotes(store_root, tiny_m
 
     path = promoted.stdout.split("path:")[1].split()[0]
     assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == 64
+
+
+def test_docs_server_examples_run(store_root, tmp_path, monkeypatch, capsys):
+    """docs/server.md's Python blocks and its promotion command, against a test server (the
+    docs' port and store are swapped for the test's)."""
+    import re
+    import shlex
+
+    doc = (REPO / "docs" / "server.md").read_text()
+    python_blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    bash_blocks = re.findall(r"```bash\n(.*?)```", doc, flags=re.S)
+    assert len(python_blocks) == 2 and len(bash_blocks) == 2
+    server = TrainerServerThread(store_root, base_models=["homefire/tiny-qwen3"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TINKER_BASE_URL", server.url)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-local")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    try:
+        for block in python_blocks:
+            code = block.replace("http://127.0.0.1:8000", server.url)
+            exec(compile(code, "docs/server.md", "exec"), {"__name__": "__docs__"})
+    finally:
+        server.stop()
+    assert "tinker://" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "cookbook-sl" / "checkpoints.jsonl").exists()
+    command = bash_blocks[1].replace("\\\n", " ").replace("~/homefire-store", store_root)
+    args = shlex.split(command)
+    assert args[0] == ".venv/bin/python"
+    promoted = subprocess.run([sys.executable, str(REPO / args[1]), *args[2:]],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert promoted.returncode == 0, promoted.stderr
+    assert "cookbook-sl" in promoted.stdout
