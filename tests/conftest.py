@@ -71,7 +71,7 @@ def final_sampler_weights(base: str | Path, log_path: str | Path) -> dict:
                      f"/model.safetensors")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -90,7 +90,7 @@ class TrainerServerThread:
         self.service = TrainerService(list(base_models), store_root, device="cpu",
                                       mixed_precision="no")
         self.service.warm_up()
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(create_app(self.service, api_key=api_key), host="127.0.0.1",
                                 port=self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)

@@ -238,3 +238,79 @@ def test_one_models_requests_run_in_seq_id_order_even_when_they_arrive_out_of_or
     assert [r for r in ran if r[0] == "a"] == [("a", 1), ("a", 2), ("a", 3)]
     scheduler.close()
     torch.manual_seed(0)  # keep the global RNG state tidy for later tests
+
+
+def _start_server_process(store_root: str, port: int):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, str(repo / "scripts" / "trainer_server.py"), "--base-model", TEST_MODEL,
+         "--storage-root", store_root, "--port", str(port), "--device", "cpu",
+         "--mixed-precision", "no", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/healthz",
+                                        timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not answer /healthz within 60 s")
+
+
+def test_kill_9_the_server_then_resume_from_the_last_save_is_bitwise(store_root, tiny_model_dir,
+                                                                      monkeypatch):
+    import signal
+
+    from .conftest import free_port
+
+    monkeypatch.setenv("TINKER_API_KEY", API_KEY)
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def train(client, datums, steps):
+        for _ in range(steps):
+            client.forward_backward(datums, "cross_entropy").result()
+            client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+
+    def adapter(client, name):
+        path = client.save_weights_for_sampler(name).result().path
+        run, _, snapshot = path.removeprefix("tinker://").split("/")
+        from safetensors.torch import load_file
+        return load_file(f"{store_root}/jobs/{run}/samplers/{snapshot}/"
+                         f"adapter_model.safetensors")
+
+    server = _start_server_process(store_root, port)
+    try:
+        client = tinker.ServiceClient(base_url=url).create_lora_training_client(
+            TEST_MODEL, rank=4, seed=11).result()
+        datums = [_datum(client.get_tokenizer(), t) for t in TEXTS]
+        train(client, datums, 2)
+        saved = client.save_state("step-2").result()
+        train(client, datums, 1)  # progress after the last save, lost with the server
+        client.forward_backward(datums, "cross_entropy")  # in flight when the server dies
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    server = _start_server_process(store_root, port)
+    try:
+        service = tinker.ServiceClient(base_url=url)
+        resumed = service.create_training_client_from_state_with_optimizer(saved.path).result()
+        train(resumed, datums, 2)
+        uninterrupted = service.create_lora_training_client(TEST_MODEL, rank=4, seed=11).result()
+        train(uninterrupted, datums, 4)
+        a, b = adapter(resumed, "resumed"), adapter(uninterrupted, "reference")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(20)
