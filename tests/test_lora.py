@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from training.sdk import AdamParams, ServiceClient
+from training.sdk import AdamParams, Datum, ModelInput, ServiceClient
 from training.sdk.lora import LoraError, merge_adapter
 
 from .conftest import TEST_MODEL
@@ -246,3 +246,46 @@ def test_deployment_hotloads_an_adapter_onto_its_base(lora_client):
         engine_logits = deployment.engine.model(input_ids=torch.tensor([prompt])).logits
         policy_logits = client.model(input_ids=torch.tensor([prompt])).logits
     torch.testing.assert_close(engine_logits, policy_logits, atol=1e-4, rtol=0)
+
+
+def test_lora_clients_and_references_share_one_copy_of_the_base(store_root, tiny_model_dir):
+    from training.sdk import ServiceClient
+
+    first = ServiceClient(store_root, device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL, lora_rank=4)
+    second = ServiceClient(store_root, device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL, lora_rank=4)
+    reference = ServiceClient(store_root, device="cpu", mixed_precision="no") \
+        .create_reference_client(TEST_MODEL)
+
+    def base(client):
+        return {n: p for n, p in client.model.named_parameters() if "lora_" not in n}
+
+    a, b = base(first), base(second)
+    shared = [n for n in a if n.replace("base_model.model.", "") in
+              {m.replace("base_model.model.", "") for m in b}]
+    assert shared and all(a[n].data_ptr() == b[n].data_ptr() for n in shared)
+    ref = dict(reference.model.named_parameters())
+    embed = next(n for n in a if n.endswith("embed_tokens.weight"))
+    assert ref["model.embed_tokens.weight"].data_ptr() == a[embed].data_ptr()
+    # Training one adapter leaves the other's adapter and the shared base as they were.
+    before = {n: p.detach().clone() for n, p in second.model.named_parameters()}
+    tokens = list(range(5, 25))
+    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
+                  loss_fn_inputs={"target_tokens": tokens[1:]})
+    for _ in range(3):
+        first.forward_backward([datum]).result()
+        first.optim_step(AdamParams(learning_rate=1e-2)).result()
+    assert all(torch.equal(p, before[n]) for n, p in second.model.named_parameters())
+    # A full train state loaded into the reference gets its own copy: the others keep theirs.
+    full = ServiceClient(store_root, device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL)
+    full.forward_backward([datum]).result()
+    full.optim_step(AdamParams(learning_rate=1e-1)).result()
+    full.save_state("trained").result()
+    reference.load_state(f"cross_job://{full.job_id}/trained").result()
+    assert torch.equal(dict(reference.model.named_parameters())["model.embed_tokens.weight"],
+                       dict(full.model.named_parameters())["model.embed_tokens.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in second.model.named_parameters())
+    tied = reference.model.lm_head.weight is reference.model.model.embed_tokens.weight
+    assert tied == reference.model.config.tie_word_embeddings

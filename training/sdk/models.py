@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,6 +78,57 @@ def load_causal_lm(name: str, store: CheckpointStore | None = None,
         except (OSError, ValueError) as e:
             raise _explain(name, "base model", e) from e
     return model.to(device)
+
+
+_SHARED_BASES: weakref.WeakValueDictionary[tuple, PreTrainedModel] = (
+    weakref.WeakValueDictionary())
+"""Frozen base models that LoRA clients share, by (store, name, dtype, device); each alive
+only while a client built on it is."""
+
+
+def load_shared_base(name: str, store: CheckpointStore | None = None,
+                     dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu") -> PreTrainedModel:
+    """A model of its own (module tree, buffers' owners, attributes) whose *weights* are those
+    of every other model this function returned for the same base: for LoRA, which never
+    changes the base, N adapters then hold one copy of the base weights.
+
+    The caller must keep the base weights frozen (``apply_lora`` does); a full-parameter
+    trainer loads its own copy with :func:`load_causal_lm`.
+    """
+    key = (store.root_url if store is not None else None, name, dtype, str(device))
+    template = _SHARED_BASES.get(key)
+    if template is None:
+        template = load_causal_lm(name, store, dtype=dtype, device=device)
+        template.requires_grad_(False)
+        _SHARED_BASES[key] = template
+    tensors = [*template.parameters(), *template.buffers()]
+    # deepcopy copies the modules but returns each memoized tensor itself: shared weights.
+    model = copy.deepcopy(template, memo={id(t): t for t in tensors})
+    # A plain attribute (not a submodule): keeps the template, and so the cache entry, alive.
+    object.__setattr__(model, "_homefire_shared_base", template)
+    return model
+
+
+def own_weights(model: torch.nn.Module) -> None:
+    """Give a model from :func:`load_shared_base` its own copy of the base weights (before
+    anything writes into them, e.g. loading a full train state), keeping tied weights tied."""
+    template = getattr(model, "_homefire_shared_base", None)
+    if template is None:
+        return
+    shared = {id(t) for t in [*template.parameters(), *template.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for name, tensor in list(registry.items()):
+                if tensor is None or id(tensor) not in shared:
+                    continue
+                if id(tensor) not in copies:
+                    clone = tensor.detach().clone()
+                    copies[id(tensor)] = (torch.nn.Parameter(clone, tensor.requires_grad)
+                                          if isinstance(tensor, torch.nn.Parameter) else clone)
+                registry[name] = copies[id(tensor)]
+    object.__setattr__(model, "_homefire_shared_base", None)
 
 
 def load_tokenizer(name: str, store: CheckpointStore | None = None):

@@ -16,7 +16,7 @@ import torch
 from training.sdk import distributed
 from training.sdk.deployments import DeploymentManager
 from training.sdk.lora import apply_lora, lora_targets
-from training.sdk.models import load_causal_lm, load_tokenizer, model_source
+from training.sdk.models import load_causal_lm, load_shared_base, load_tokenizer, model_source
 from training.sdk.rest_client import RestClient
 from training.sdk.sampling import DeploymentSampler, SamplingClient
 from training.sdk.snapshots import DEFAULT_DELTA_ENCODING, DELTA_ENCODINGS
@@ -131,7 +131,13 @@ class ServiceClient:
                                  f"lora_rank={job.lora_rank}; cannot reattach it for "
                                  f"base_model={base_model!r}, lora_rank={lora_rank}")
         tokenizer = load_tokenizer(tokenizer_model or base_model, self.store)
-        model = load_causal_lm(base_model, self.store, dtype=torch.float32, device=self.device)
+        if (lora_rank > 0 or frozen) and not self.world.distributed:
+            # The base weights never change: LoRA trainers and references share one copy.
+            model = load_shared_base(base_model, self.store, dtype=torch.float32,
+                                     device=self.device)
+        else:
+            model = load_causal_lm(base_model, self.store, dtype=torch.float32,
+                                   device=self.device)
         if job_id is None:
             # One job for all ranks: rank 0 creates it, the others attach to it.
             job = distributed.on_main(lambda: self.store.create_job(

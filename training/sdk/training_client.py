@@ -40,6 +40,7 @@ from training.sdk.futures import AwaitableSelf, async_twins, completed
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapter
 from training.sdk.losses import BUILTIN_LOSSES, check_loss_call, loss_tokens
+from training.sdk.models import own_weights
 from training.sdk.packed_attention import packed_attention, supports_packed_attention
 from training.sdk.routing import capture_routing, moe_routers, replay_routing
 from training.sdk.snapshots import (
@@ -851,6 +852,9 @@ class TrainingClient(AwaitableSelf):
         self._pending_backward = False
         self._pending_loss_tokens = self._pending_sequences = 0
         lora = self.job.lora_rank > 0
+        if not lora:  # full weights are written below: never into a base other clients share
+            own_weights(self.model)
+            self._state_dicts_key = None
         # A rank the saving run did not have (it ran with fewer processes) gets rank 0's
         # user state: the data position is the same on every rank.
         saved_world = int(meta.extra.get("world_size", 1))
