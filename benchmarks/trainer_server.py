@@ -1,14 +1,15 @@
 """Trainer server figures: memory per LoRA adapter on one base, and latency over the wire.
 
-1. Memory: in a child process per setting, the resident memory (RSS) after creating 1, 4 and 8
-   LoRA training clients of ``--model`` the way the server does (``load_shared_base``: one copy
-   of the base weights), and the same with a private copy of the base per client (what each
-   client cost before). Each extra adapter's cost is printed as a fraction of the base weights'
-   bytes (goal: under 5% with sharing).
+1. Memory: in a child process per setting, 1, 4 and 8 LoRA training clients of ``--model`` made
+   the way the server makes them (``load_shared_base``: one copy of the base weights), each
+   after one optimizer step, and the same with a private copy of the base per client (what each
+   client cost before): the bytes of the distinct tensors they hold (weights, gradients, AdamW
+   moments) and the RSS growth. Each extra adapter's cost is printed as a fraction of the base
+   weights' bytes (goal: under 5% with sharing).
 2. Latency: one ``forward_backward`` + ``optim_step`` of a batch of 8 short chats, median of
    ``--steps`` steps, through the official ``tinker`` client against a trainer server on
-   127.0.0.1 (in this process, uvicorn in a thread), over the same calls on an in-process
-   training client, alternating round by round (goal: at most 1.15x).
+   127.0.0.1 (``scripts/trainer_server.py`` in its own process), over the same calls on an
+   in-process training client, alternating round by round (goal: at most 1.15x).
 
     .venv/bin/python benchmarks/trainer_server.py
 """
@@ -37,33 +38,58 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def memory_child(model: str, store: str, adapters: int, shared: bool) -> dict:
+def memory_child(model: str, store: str, adapters: int, shared: bool, rank: int) -> dict:
+    """Build ``adapters`` LoRA clients as the server does, take one optimizer step on each, and
+    return the RSS growth and the bytes of distinct tensors they hold (weights, gradients and
+    AdamW moments)."""
     import gc
 
     import torch
 
-    from training.sdk.lora import apply_lora
-    from training.sdk.models import load_causal_lm, load_shared_base
-    from training.sdk.store import CheckpointStore
+    from training.sdk import AdamParams, Datum, ModelInput, ServiceClient
+    from training.sdk import models as models_module
 
     torch.set_num_threads(1)
-    store_obj = CheckpointStore(store)
-    load_causal_lm(model, store_obj)  # builds/loads once: files cached, allocator warmed
+    if not shared:  # what every client cost before: a private copy of the base each
+        models_module.load_shared_base = _private_base
+        import training.sdk.service_client as service_module
+        service_module.load_shared_base = _private_base
+    ServiceClient(store, device="cpu", mixed_precision="no")  # imports, store, tiny model files
     gc.collect()
     baseline = _rss_mb()
-    models = []
+    clients = []
+    datum = Datum(model_input=ModelInput.from_ints(list(range(5, 69))),
+                  loss_fn_inputs={"target_tokens": list(range(6, 70))})
     for _ in range(adapters):
-        base = (load_shared_base(model, store_obj) if shared
-                else load_causal_lm(model, store_obj))
-        base.requires_grad_(False)
-        models.append(apply_lora(base, 16))
+        client = ServiceClient(store, device="cpu", mixed_precision="no") \
+            .create_lora_training_client(model, rank=rank, seed=0)
+        client.forward_backward([datum]).result()
+        client.optim_step(AdamParams(learning_rate=1e-4)).result()
+        clients.append(client)
     gc.collect()
-    base_bytes = sum(p.numel() * p.element_size()
-                     for n, p in models[0].named_parameters() if "lora_" not in n)
-    adapter_bytes = sum(p.numel() * p.element_size()
-                        for n, p in models[0].named_parameters() if "lora_" in n)
-    return {"rss_mb": _rss_mb() - baseline, "base_mb": base_bytes / 2**20,
-            "adapter_mb": adapter_bytes / 2**20}
+    storages: dict[int, int] = {}
+    for client in clients:
+        tensors = [*client.model.parameters(), *client.model.buffers()]
+        for state in client._optimizer.state.values():
+            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    first = clients[0].model
+    base_bytes = sum(p.numel() * p.element_size() for n, p in first.named_parameters()
+                     if "lora_" not in n)
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in first.named_parameters()
+                        if "lora_" in n)
+    return {"rss_mb": _rss_mb() - baseline, "tensor_mb": sum(storages.values()) / 2**20,
+            "base_mb": base_bytes / 2**20, "adapter_mb": adapter_bytes / 2**20}
+
+
+def _private_base(name, store=None, dtype=None, device="cpu"):
+    import torch
+
+    from training.sdk.models import load_causal_lm
+
+    return load_causal_lm(name, store, dtype=dtype or torch.float32, device=device)
 
 
 def memory(args: argparse.Namespace, store: str) -> dict[tuple[bool, int], dict]:
@@ -72,7 +98,8 @@ def memory(args: argparse.Namespace, store: str) -> dict[tuple[bool, int], dict]
         for n in (1, 4, 8):
             out = subprocess.run(
                 [sys.executable, __file__, "--memory-child", str(n), "--model", args.model,
-                 "--store", store, *(["--shared"] if shared else [])],
+                 "--rank", str(args.rank), "--store", store,
+                 *(["--shared"] if shared else [])],
                 capture_output=True, text=True, cwd=REPO, check=False)
             if out.returncode != 0:
                 raise SystemExit(out.stderr[-3000:])
@@ -81,6 +108,11 @@ def memory(args: argparse.Namespace, store: str) -> dict[tuple[bool, int], dict]
 
 
 def latency(args: argparse.Namespace, store: str) -> dict[str, list[float]]:
+    """Step times in process and through a trainer server started as its own process (as a
+    user runs it: the client does not share the server's interpreter)."""
+    import socket
+    import urllib.request
+
     import tinker
     import torch
 
@@ -88,16 +120,30 @@ def latency(args: argparse.Namespace, store: str) -> dict[str, list[float]]:
     from training.sdk.tiny_model import SAMPLE_CHATS_PATH
     from training.utils.data import build_sft_examples, example_to_datum, load_chat_rows
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import TrainerServerThread  # the same in-thread server the tests use
-
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TINKER_API_KEY", "tml-bench")
     os.environ["TINKER_TELEMETRY"] = "0"
-    server = TrainerServerThread(store, base_models=[args.latency_model])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "trainer_server.py"), "--base-model",
+         args.latency_model, "--storage-root", store, "--port", str(port), "--device", "cpu",
+         "--mixed-precision", "no", "--log-level", "warning"],
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     try:
-        remote = tinker.ServiceClient(base_url=server.url).create_lora_training_client(
-            args.latency_model, rank=16, seed=0).result()
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/healthz",
+                                            timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the trainer server did not start") from None
+                time.sleep(0.2)
+        remote = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}") \
+            .create_lora_training_client(args.latency_model, rank=16, seed=0).result()
         local = ServiceClient(store, device="cpu", mixed_precision="no") \
             .create_lora_training_client(args.latency_model, rank=16, seed=0)
         rows = load_chat_rows(str(SAMPLE_CHATS_PATH))[:8]
@@ -117,7 +163,8 @@ def latency(args: argparse.Namespace, store: str) -> dict[str, list[float]]:
                     times[name].append(time.perf_counter() - started)
         return times
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(20)
 
 
 def main() -> int:
@@ -126,32 +173,46 @@ def main() -> int:
                         help="base model of the memory figures")
     parser.add_argument("--latency-model", default="homefire/tiny-qwen3")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the memory figures")
+    parser.add_argument("--only", choices=["memory", "latency"], help="run one part")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        print(json.dumps(memory_child(args.model, args.store, args.memory_child, args.shared)))
+        print(json.dumps(memory_child(args.model, args.store, args.memory_child, args.shared,
+                                      args.rank)))
         return 0
     with tempfile.TemporaryDirectory(prefix="homefire-bench-") as store:
-        figures = memory(args, store)
-        times = latency(args, store)
-    base = figures[(True, 1)]["base_mb"]
-    print(f"memory: {args.model}, LoRA rank 16 (adapter {figures[(True, 1)]['adapter_mb']:.2f} "
-          f"MB of params), base weights {base:.1f} MB; RSS growth over the loaded process:")
-    for shared in (True, False):
-        label = "shared base " if shared else "private bases"
-        rss = {n: figures[(shared, n)]["rss_mb"] for n in (1, 4, 8)}
-        extra = (rss[8] - rss[1]) / 7
-        print(f"  {label}: 1 adapter {rss[1]:.1f} MB, 4 {rss[4]:.1f} MB, 8 {rss[8]:.1f} MB; "
-              f"each extra adapter {extra:.2f} MB = {extra / base:.3f} of the base")
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    print(f"latency: forward_backward + optim_step of 8 chats on {args.latency_model}, median "
-          f"of {args.steps}: in process {medians['in process'] * 1000:.1f} ms, over the wire "
-          f"{medians['over the wire'] * 1000:.1f} ms: "
-          f"{medians['over the wire'] / medians['in process']:.2f}x")
+        figures = memory(args, store) if args.only != "latency" else None
+        times = latency(args, store) if args.only != "memory" else None
+    if figures is not None:
+        print_memory(args, figures)
+    if times is not None:
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        print(f"latency: forward_backward + optim_step of 8 chats on {args.latency_model}, "
+              f"median of {args.steps}: in process {medians['in process'] * 1000:.1f} ms, over "
+              f"the wire {medians['over the wire'] * 1000:.1f} ms: "
+              f"{medians['over the wire'] / medians['in process']:.2f}x")
     return 0
+
+
+def print_memory(args: argparse.Namespace, figures: dict[tuple[bool, int], dict]) -> None:
+    base = figures[(True, 1)]["base_mb"]
+    adapter = figures[(True, 1)]["adapter_mb"]
+    print(f"memory: {args.model}, LoRA rank {args.rank}: base weights {base:.1f} MB, one "
+          f"adapter {adapter:.2f} MB ({adapter / base:.3f} of the base; with its gradients and "
+          f"AdamW moments {4 * adapter:.2f} MB)")
+    for shared in (True, False):
+        label = "shared base  " if shared else "private bases"
+        tensor = {n: figures[(shared, n)]["tensor_mb"] for n in (1, 4, 8)}
+        rss = {n: figures[(shared, n)]["rss_mb"] for n in (1, 4, 8)}
+        extra = (tensor[8] - tensor[1]) / 7
+        print(f"  {label}: tensors held with 1 / 4 / 8 adapters {tensor[1]:.1f} / "
+              f"{tensor[4]:.1f} / {tensor[8]:.1f} MB (RSS growth {rss[1]:.0f} / {rss[4]:.0f} / "
+              f"{rss[8]:.0f} MB); each extra adapter {extra:.2f} MB = {extra / base:.3f} of "
+              f"the base")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ def test_errors_come_back_as_tinker_errors_and_the_client_stays_usable(server):
     datum = _datum(client.get_tokenizer(), TEXTS[0])
     with pytest.raises(tinker.RequestFailedError, match="unknown loss 'mse'"):
         client.forward_backward([datum], "mse").result()
+    with pytest.raises(tinker.RequestFailedError, match="optim_step called with no gradients") \
+            as refused:
+        client.optim_step(tinker.AdamParams(learning_rate=1e-3)).result()
+    assert str(refused.value.category).lower().endswith("user")  # the caller's error
     bad = tinker.Datum(model_input=datum.model_input, loss_fn_inputs={
         **datum.loss_fn_inputs, "wieghts": datum.loss_fn_inputs["weights"]})
     with pytest.raises(tinker.RequestFailedError, match="wieghts"):

@@ -31,7 +31,7 @@ from training.sdk.store import (
     JobNotFoundError,
     StoreError,
 )
-from training.sdk.training_client import TrainingClient
+from training.sdk.training_client import TrainingClient, TrainingUsageError
 from training.sdk.types import (
     AdamParams,
     Datum,
@@ -64,5 +64,6 @@ __all__ = [
     "FiretitanTrainingClient", "FireworksClient", "ForwardBackwardOutput", "GradAccNormalization",
     "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
-    "TensorData", "TrainingClient", "datum_from_model_input_weights", "validate_output_model_id",
+    "TensorData", "TrainingClient", "TrainingUsageError", "datum_from_model_input_weights",
+    "validate_output_model_id",
 ]

@@ -102,6 +102,11 @@ def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k in trainable}
 
 
+class TrainingUsageError(RuntimeError):
+    """A call the training client's state does not allow (``optim_step`` before any backward,
+    training a frozen reference client); the message says what to call instead."""
+
+
 def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
     """A datum's per-position ``loss_fn_inputs`` as float tensors shaped like its logprobs
     (a clip threshold may also be one value); ``target_tokens`` and ``routing_matrices`` are
@@ -299,7 +304,7 @@ class TrainingClient(AwaitableSelf):
 
     def _service_for(self, method: str) -> Any:
         if self.service is None:
-            raise RuntimeError(f"{method} needs the ServiceClient that created this training "
+            raise TrainingUsageError(f"{method} needs the ServiceClient that created this training "
                                f"client (its deployment serves the samples); this client was "
                                f"built without one")
         return self.service
@@ -612,7 +617,7 @@ class TrainingClient(AwaitableSelf):
 
     def _check_trainable(self, method: str) -> None:
         if self.frozen:
-            raise RuntimeError(f"{method} on a frozen reference client: it serves forward() "
+            raise TrainingUsageError(f"{method} on a frozen reference client: it serves forward() "
                                f"only; train with the policy client from "
                                f"create_training_client")
 
@@ -643,7 +648,7 @@ class TrainingClient(AwaitableSelf):
         self._check_trainable("optim_step")
         adam_params = as_adam_params(adam_params)
         if not self._pending_backward:
-            raise RuntimeError("optim_step called with no gradients: call forward_backward "
+            raise TrainingUsageError("optim_step called with no gradients: call forward_backward "
                                "(or forward_backward_custom) first")
         mode = GradAccNormalization(grad_accumulation_normalization or GradAccNormalization.NONE)
         denominator = {GradAccNormalization.NUM_LOSS_TOKENS: self._pending_loss_tokens,

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from training.sdk.store import (
     make_tinker_path,
     parse_tinker_path,
 )
-from training.sdk.training_client import TrainingClient
+from training.sdk.training_client import TrainingClient, TrainingUsageError
 from training.sdk.types import AdamParams, ModelInput, SamplingParams
 from training.server.futures import FutureStore
 from training.server.scheduler import Scheduler
@@ -140,15 +141,19 @@ class TrainerService:
         request_id, created = self.futures.create(kind, model_id, seq_id)
         if created:
             def task() -> None:
+                started = time.perf_counter()
                 try:
                     payload, content_type = run()
-                except (RequestError, ValueError, TypeError, KeyError, StoreError) as e:
+                except (RequestError, ValueError, TypeError, KeyError, StoreError,
+                        TrainingUsageError) as e:
                     self.futures.fail(request_id, _message(e), "user")
                 except Exception as e:  # noqa: BLE001 (reported to the client, and logged)
                     logger.exception("%s %s failed", kind, request_id)
                     self.futures.fail(request_id, f"{type(e).__name__}: {e}", "server")
                 else:
                     self.futures.finish(request_id, payload, content_type)
+                logger.debug("%s %s ran in %.1f ms", kind, request_id,
+                             1000 * (time.perf_counter() - started))
             self.scheduler.submit(key, seq_id, task)
         return {"request_id": request_id, **({"model_id": model_id} if model_id else {}),
                 **(extra or {})}
