@@ -48,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     server = OpenAIServer(manager, deployment.deployment_id, model_name=args.model_name,
                           host=args.host, port=args.port)
     print(f"serving {server.model_name} at {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()
+    server.serve_forever()  # uvicorn stops on Ctrl-C / SIGTERM
     return 0
 
 

@@ -119,3 +119,58 @@ def test_openai_client_completions_and_errors(served) -> None:
     # sync loads the chain, so a delta on a fresh deployment works over HTTP too.
     status, reply = _post(f"{server.url}/hotload", {"snapshot": delta.path})
     assert status == 200 and len(reply["loaded"]) == 2
+
+
+def test_fifty_concurrent_requests_are_all_answered(served) -> None:
+    import concurrent.futures
+
+    _, _, server, _ = served
+
+    def ask(i: int) -> tuple[int, dict]:
+        return _post(f"{server.url}/chat/completions", {
+            "model": TEST_MODEL, "max_tokens": 3, "seed": i,
+            "messages": [{"role": "user", "content": f"count to {i}"}]})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        replies = list(pool.map(ask, range(50)))
+    assert [status for status, _ in replies] == [200] * 50
+    assert all(reply["choices"][0]["finish_reason"] in ("stop", "length") for _, reply in replies)
+
+
+@pytest.mark.parametrize(("payload", "match"), [
+    ([1, 2], "must be a JSON object"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, r"messages\[0\]\.role is 'robot'"),
+    ({"messages": MESSAGES, "stop": 7}, "'stop' must be a string or a list of strings"),
+    ({"messages": MESSAGES, "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
+    ({"messages": MESSAGES, "max_tokens": -5}, "'max_tokens' must be an integer >= 1"),
+    ({"messages": MESSAGES, "n": 0}, "'n' must be an integer between 1 and 64"),
+    ({"messages": MESSAGES, "n": 1000}, "'n' must be an integer between 1 and 64"),
+    ({"messages": MESSAGES, "seed": "x"}, "'seed' must be an integer"),
+])
+def test_bad_requests_are_refused_with_400(served, payload, match) -> None:
+    import re
+
+    _, _, server, _ = served
+    request = urllib.request.Request(f"{server.url}/chat/completions",
+                                     data=json.dumps(payload).encode(), method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 400
+        assert re.search(match, json.loads(e.read())["error"]["message"])
+
+
+def test_a_prompt_longer_than_the_context_is_refused_at_once(served) -> None:
+    import time
+
+    _, _, server, _ = served
+    started = time.perf_counter()
+    status, reply = _post(f"{server.url}/completions",
+                          {"model": TEST_MODEL, "prompt": "word " * 99_000, "max_tokens": 2})
+    assert status == 400 and "context" in reply["error"]["message"]
+    status, reply = _post(f"{server.url}/completions",
+                          {"model": TEST_MODEL, "prompt": list(range(5, 3000)), "max_tokens": 2})
+    assert status == 400 and "has 2995 tokens; the model's context is 2048" in \
+        reply["error"]["message"]
+    assert time.perf_counter() - started < 5

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server in front of one deployment (stdlib ``http.server``).
+"""An OpenAI-compatible HTTP server in front of one deployment (FastAPI on uvicorn).
 
 Endpoints:
 
@@ -10,9 +10,10 @@ Endpoints:
   snapshot onto the deployment (its delta chain too); the next request sees the new weights;
 * ``GET /health``: readiness and ``current_snapshot_identity``.
 
-Requests are served one batch at a time per deployment (the engine is not re-entrant); a
-hotload waits for the running request and the next one sees the new weights. Start it with
-``scripts/serve.py`` or :class:`OpenAIServer`.
+Requests are accepted concurrently and served one batch at a time per deployment (the engine
+is not re-entrant): the others wait their turn, none is refused. A hotload waits for the running
+request and the next one sees the new weights. Start it with ``scripts/serve.py`` or
+:class:`OpenAIServer`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ import json
 import logging
 import queue
 import secrets
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from training.sdk.deployments import (
     DeploymentError,
@@ -43,6 +49,9 @@ __all__ = ["OpenAIServer"]
 
 DEFAULT_MAX_TOKENS = 256
 """``max_tokens`` when a request sets none (OpenAI's is the context length)."""
+MAX_N = 64
+"""Most completions one request may ask for (``n``)."""
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class _RequestError(Exception):
@@ -65,40 +74,57 @@ class OpenAIServer:
     def __init__(self, deploy_mgr: DeploymentManager, deployment_id: str, *,
                  model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                  default_job_id: str | None = None) -> None:
+        import uvicorn
+
         self.deploy_mgr = deploy_mgr
         self.deployment_id = deployment_id
         self.model_name = model_name or deploy_mgr.get(deployment_id).base_model
         self.default_job_id = default_job_id
-        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.httpd.daemon_threads = True
+        # Bound here, so port 0 has its number before serving and a taken port fails at once.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self._host = host
+        self._server = uvicorn.Server(uvicorn.Config(
+            create_openai_app(self), log_level="warning", access_log=False,
+            # Every request's compute waits its turn for the deployment: many may be pending.
+            limit_concurrency=None, backlog=2048, timeout_keep_alive=30))
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        return self.httpd.server_address[1]
+        return self._socket.getsockname()[1]
 
     @property
     def url(self) -> str:
         """Base URL for OpenAI clients (``.../v1``)."""
-        return f"http://{self.httpd.server_address[0]}:{self.port}/v1"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}/v1"
 
     def serve_forever(self) -> None:
         logger.info("serving %s (deployment %s) at %s", self.model_name, self.deployment_id,
                     self.url)
-        self.httpd.serve_forever(poll_interval=0.1)
+        self._server.run(sockets=[self._socket])
 
     def start(self) -> OpenAIServer:
-        """Serve from a daemon thread; returns self (stop with :meth:`shutdown`)."""
+        """Serve from a daemon thread once it accepts connections; returns self (stop with
+        :meth:`shutdown`)."""
         self._thread = threading.Thread(target=self.serve_forever, daemon=True,
                                         name=f"openai-server-{self.port}")
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {self.url} did not start within 30 s")
+            time.sleep(0.01)
         return self
 
     def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._socket.close()
 
     def __enter__(self) -> OpenAIServer:
         return self.start()
@@ -115,19 +141,25 @@ class OpenAIServer:
         if model is not None and model not in (self.model_name, self.deployment_id):
             raise _RequestError(HTTPStatus.NOT_FOUND, f"model {model!r} is not served here; "
                                 f"this server serves {self.model_name!r}", "model_not_found")
-        n = int(body.get("n") or 1)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        n = _integer(body, "n", 1, 1, MAX_N)
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+            else "max_tokens"
+        max_tokens = _integer(body, key, DEFAULT_MAX_TOKENS, 1, None)
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"'stop' must be a string or a list of "
+                                f"strings, got {stop!r}", "invalid_request_error")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"'seed' must be an integer, got "
+                                f"{seed!r}", "invalid_request_error")
         try:
             params = SamplingParams(
-                max_tokens=int(max_tokens or DEFAULT_MAX_TOKENS),
-                temperature=float(body.get("temperature", 1.0)),
-                top_p=float(body.get("top_p", 1.0)), seed=body.get("seed"),
-                stop=body.get("stop"))
+                max_tokens=max_tokens, temperature=float(body.get("temperature", 1.0)),
+                top_p=float(body.get("top_p", 1.0)), seed=seed, stop=stop)
         except (TypeError, ValueError) as e:
             raise _RequestError(HTTPStatus.BAD_REQUEST, str(e), "invalid_request_error") from e
-        if n < 1:
-            raise _RequestError(HTTPStatus.BAD_REQUEST, f"n must be >= 1, got {n}",
-                                "invalid_request_error")
         return params, n
 
     def _visible_text(self, tokens: list[int], params: SamplingParams) -> str:
@@ -143,17 +175,38 @@ class OpenAIServer:
             if not isinstance(messages, list) or not messages:
                 raise _RequestError(HTTPStatus.BAD_REQUEST, "'messages' must be a non-empty "
                                     "list of {role, content}", "invalid_request_error")
-            return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False))
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+                    role = message.get("role") if isinstance(message, dict) else message
+                    raise _RequestError(HTTPStatus.BAD_REQUEST, f"messages[{i}].role is "
+                                        f"{role!r}; expected one of {', '.join(CHAT_ROLES)}",
+                                        "invalid_request_error")
+            return self._within_context(list(tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return prompt
+            return self._within_context(prompt)
         if not isinstance(prompt, str) or not prompt:
             raise _RequestError(HTTPStatus.BAD_REQUEST, "'prompt' must be one non-empty "
                                 "string (or a list of token ids)", "invalid_request_error")
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(prompt) > 8 * self._context_length():  # never tokenize a huge string whole
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"the prompt ({len(prompt)} "
+                                f"characters) is longer than the model's context of "
+                                f"{self._context_length()} tokens", "context_length_exceeded")
+        return self._within_context(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _context_length(self) -> int:
+        config = getattr(getattr(self._deployment().engine, "model", None), "config", None)
+        return int(getattr(config, "max_position_embeddings", None) or 1 << 20)
+
+    def _within_context(self, tokens: list[int]) -> list[int]:
+        limit = self._context_length()
+        if len(tokens) >= limit:
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"the prompt has {len(tokens)} tokens; "
+                                f"the model's context is {limit}", "context_length_exceeded")
+        return tokens
 
     def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The non-streaming response body of a (chat) completion request."""
@@ -193,8 +246,9 @@ class OpenAIServer:
         return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": seq.stop_reason}
 
-    def stream(self, path: str, body: dict[str, Any], write) -> None:
-        """Stream one completion as server-sent events (``write`` takes one event's bytes)."""
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[bytes]:
+        """One completion as server-sent events, one ``bytes`` per event (the request is
+        checked before the first event)."""
         params, n = self._params(body)
         if n != 1:
             raise _RequestError(HTTPStatus.BAD_REQUEST, "stream=true supports n=1 only",
@@ -215,7 +269,7 @@ class OpenAIServer:
             finally:
                 steps.put(None)
 
-        def event(delta_text: str | None, finish: str | None, first: bool = False) -> None:
+        def event(delta_text: str | None, finish: str | None, first: bool = False) -> bytes:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
                 if delta_text:
@@ -228,28 +282,37 @@ class OpenAIServer:
                 obj = "text_completion"
             payload = {"id": ident, "object": obj, "created": created,
                        "model": self.model_name, "choices": [choice]}
-            write(f"data: {json.dumps(payload)}\n\n".encode())
+            return f"data: {json.dumps(payload)}\n\n".encode()
 
+        return self._events(run, steps, outcome, event, params, chat)
+
+    def _events(self, run, steps: queue.Queue, outcome: dict[str, Any], event,
+                params: SamplingParams, chat: bool) -> Iterator[bytes]:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        if chat:
-            event(None, None, first=True)
-        tokens: list[int] = []
-        sent = ""
-        while (token := steps.get()) is not None:
-            tokens.append(token)
-            text = self._visible_text(tokens, params)
-            # Hold back an incomplete UTF-8 character until its last byte arrives.
-            if not text.endswith("\ufffd") and len(text) > len(sent):
-                event(text[len(sent):], None)
-                sent = text
-        worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        seq: SampledSequence = outcome["seq"]
-        final = self._visible_text(seq.tokens, params)
-        event(final[len(sent):] if final.startswith(sent) else None, seq.stop_reason)
-        write(b"data: [DONE]\n\n")
+        try:
+            if chat:
+                yield event(None, None, first=True)
+            tokens: list[int] = []
+            sent = ""
+            while (token := steps.get()) is not None:
+                tokens.append(token)
+                text = self._visible_text(tokens, params)
+                # Hold back an incomplete UTF-8 character until its last byte arrives.
+                if not text.endswith("\ufffd") and len(text) > len(sent):
+                    yield event(text[len(sent):], None)
+                    sent = text
+            worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            seq: SampledSequence = outcome["seq"]
+            final = self._visible_text(seq.tokens, params)
+            yield event(final[len(sent):] if final.startswith(sent) else None, seq.stop_reason)
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 (the 200 is out: report the error as an event)
+            logger.exception("streamed request failed")
+            payload = {"error": {"message": str(e), "type": _error_status(e)[1]}}
+            yield f"data: {json.dumps(payload)}\n\n".encode()
 
     def hotload(self, body: dict[str, Any]) -> dict[str, Any]:
         snapshot = body.get("snapshot") or body.get("model_path")
@@ -284,76 +347,84 @@ def _error_status(error: Exception) -> tuple[HTTPStatus, str]:
     return HTTPStatus.INTERNAL_SERVER_ERROR, "server_error"
 
 
-def _handler_for(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
-            logger.debug("%s " + format, self.address_string(), *args)
+def _integer(body: dict[str, Any], key: str, default: int, low: int,
+             high: int | None) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise _RequestError(HTTPStatus.BAD_REQUEST, f"'{key}' must be an integer {bounds}, "
+                            f"got {value!r}", "invalid_request_error")
+    return value
 
-        def _send_json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def _fail(self, error: Exception) -> None:
-            status, error_type = _error_status(error)
-            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
-                logger.exception("request %s failed", self.path)
-            self._send_json(status, {"error": {"message": str(error), "type": error_type,
-                                               "param": None, "code": None}})
+def create_openai_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app of :class:`OpenAIServer` (OpenAI's error body on every failure)."""
+    app = FastAPI(title="homefire OpenAI-compatible server", docs_url=None, redoc_url=None)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            try:
-                if self.path == "/v1/models":
-                    self._send_json(HTTPStatus.OK, {"object": "list", "data": [
-                        {"id": server.model_name, "object": "model", "created": 0,
-                         "owned_by": "homefire"}]})
-                elif self.path == "/health":
-                    self._send_json(HTTPStatus.OK, server.health())
-                else:
-                    raise _RequestError(HTTPStatus.NOT_FOUND, f"no route GET {self.path}",
-                                        "not_found_error")
-            except Exception as e:  # noqa: BLE001  every failure becomes an HTTP error reply
-                self._fail(e)
+    def failure(error: Exception) -> Response:
+        status, error_type = _error_status(error)
+        if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+            logger.exception("request failed")
+        return JSONResponse({"error": {"message": str(error), "type": error_type,
+                                       "param": None, "code": None}}, status_code=status)
 
-        def do_POST(self) -> None:  # noqa: N802
-            headers_sent = False
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length) or b"{}")
-                except json.JSONDecodeError as e:
-                    raise _RequestError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}",
-                                        "invalid_request_error") from e
-                if self.path == "/v1/hotload":
-                    self._send_json(HTTPStatus.OK, server.hotload(body))
-                elif self.path in ("/v1/chat/completions", "/v1/completions"):
-                    if body.get("stream"):
-                        server._params(body)  # refuse bad requests before the 200 goes out
-                        self.send_response(HTTPStatus.OK)
-                        self.send_header("Content-Type", "text/event-stream")
-                        self.send_header("Cache-Control", "no-cache")
-                        self.end_headers()
-                        headers_sent = True
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as e:
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}",
+                                "invalid_request_error") from e
+        if not isinstance(body, dict):
+            raise _RequestError(HTTPStatus.BAD_REQUEST, f"the body must be a JSON object, got "
+                                f"{type(body).__name__}", "invalid_request_error")
+        return body
 
-                        def write(data: bytes) -> None:
-                            self.wfile.write(data)
-                            self.wfile.flush()
+    async def known_error(_: Request, error: Exception) -> Response:
+        return failure(error)
 
-                        server.stream(self.path, body, write)
-                    else:
-                        self._send_json(HTTPStatus.OK, server.complete(self.path, body))
-                else:
-                    raise _RequestError(HTTPStatus.NOT_FOUND, f"no route POST {self.path}",
-                                        "not_found_error")
-            except Exception as e:  # noqa: BLE001  every failure becomes an HTTP error reply
-                if headers_sent:
-                    logger.exception("streamed request %s failed", self.path)
-                    payload = {"error": {"message": str(e), "type": _error_status(e)[1]}}
-                    self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-                else:
-                    self._fail(e)
+    for error_type in (_RequestError, DeploymentError, StoreError, ValueError, KeyError):
+        app.add_exception_handler(error_type, known_error)
 
-    return Handler
+    @app.middleware("http")
+    async def unexpected(request: Request, call_next: Any) -> Response:
+        try:
+            return await call_next(request)
+        except Exception as e:  # noqa: BLE001 (never a dropped connection: a JSON 500)
+            return failure(e)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                            "created": 0, "owned_by": "homefire"}]}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return server.health()
+
+    @app.post("/v1/hotload")
+    async def hotload(request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(server.hotload, await body_of(request))
+
+    async def completion(request: Request) -> Response:
+        body = await body_of(request)
+        path = request.url.path
+        if body.get("stream"):
+            # Checked (and the prompt tokenized) before the 200 goes out.
+            events = await run_in_threadpool(lambda: server.stream(path, body))
+            first = await run_in_threadpool(next, events, None)
+
+            def rest() -> Iterator[bytes]:
+                if first is not None:
+                    yield first
+                yield from events
+
+            return StreamingResponse(rest(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await run_in_threadpool(server.complete, path, body))
+
+    app.post("/v1/chat/completions")(completion)
+    app.post("/v1/completions")(completion)
+    return app
