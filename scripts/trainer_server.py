@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", help="require this X-API-Key on every request")
+    parser.add_argument("--api-key", action="append",
+                        help="require this X-API-Key on every request; repeat for several "
+                             "tenants, each of which sees only its own runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "no"])
     parser.add_argument("--log-level", default="info",

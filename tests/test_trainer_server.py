@@ -318,3 +318,49 @@ def test_kill_9_the_server_then_resume_from_the_last_save_is_bitwise(store_root,
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(20)
+
+
+def test_tenants_with_different_keys_cannot_reach_each_others_runs(store_root, tiny_model_dir,
+                                                                   monkeypatch):
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    server = TrainerServerThread(store_root, api_key=["tml-alice", "tml-bob"])
+    try:
+        alice = tinker.ServiceClient(base_url=server.url, api_key="tml-alice")
+        bob = tinker.ServiceClient(base_url=server.url, api_key="tml-bob")
+        client = alice.create_lora_training_client(TEST_MODEL, rank=2).result()
+        datum = _datum(client.get_tokenizer(), TEXTS[0])
+        client.forward_backward([datum], "cross_entropy").result()
+        client.optim_step(tinker.AdamParams(learning_rate=1e-3)).result()
+        state = client.save_state("mine").result().path
+        sampler = client.save_weights_for_sampler("mine").result().path
+        run_id = state.split("/")[2]
+        assert tinker.RestClient(base_url=server.url, api_key="tml-alice") \
+            .get_training_run(run_id).result().training_run_id == run_id
+        # Bob sees none of it: the run, its checkpoints, its model id, its sampler.
+        rest = tinker.RestClient(base_url=server.url, api_key="tml-bob")
+        assert run_id not in [r.training_run_id for r in
+                              rest.list_training_runs().result().training_runs]
+        api = f"{server.url}/api/v1"
+        for url in (f"{api}/training_runs/{run_id}", f"{api}/training_runs/{run_id}/checkpoints"):
+            request = urllib.request.Request(url, headers={"X-API-Key": "tml-bob"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 404
+        session = _post(f"{api}/create_session", b"{}", {"X-API-Key": "tml-bob"})[1]
+        for path, body in [
+            ("load_weights", {"session_id": session["session_id"], "model_seq_id": 0,
+                              "path": state}),
+            ("create_sampling_session", {"session_id": session["session_id"],
+                                         "sampling_session_seq_id": 0, "model_path": sampler}),
+            ("optim_step", {"model_id": client.model_id, "seq_id": 99,
+                            "adam_params": {"learning_rate": 1e-3}}),
+        ]:
+            status, reply = _post(f"{api}/{path}", json.dumps(body).encode(),
+                                  {"X-API-Key": "tml-bob"})
+            assert status == 404, (path, reply)
+        with pytest.raises(Exception):  # noqa: B017 (tinker wraps the 404 its own way)
+            bob.create_training_client_from_state(state).result()
+        # Alice still resumes her own state.
+        assert alice.create_training_client_from_state(state).result().get_info().lora_rank == 2
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +20,13 @@ from fastapi.responses import JSONResponse, Response
 
 from training.sdk.rest_client import RestClient
 from training.sdk.store import StoreError
-from training.server.service import PROTOBUF, RequestError, TrainerService
+from training.server.service import (
+    LOCAL_TENANT,
+    PROTOBUF,
+    RequestError,
+    TrainerService,
+    tenant_account,
+)
 from training.server.wire import WireError
 
 logger = logging.getLogger("homefire.server")
@@ -47,18 +54,26 @@ def _error(message: str, status: int, category: str = "user") -> JSONResponse:
                         status_code=status)
 
 
-def create_app(service: TrainerService, api_key: str | None = None) -> FastAPI:
-    """The ASGI app serving ``service``; with ``api_key``, every request but ``/healthz``
-    must carry it as ``X-API-Key``."""
+def create_app(service: TrainerService, api_key: str | Sequence[str] | None = None) -> FastAPI:
+    """The ASGI app serving ``service``.
+
+    With ``api_key`` (one key or several), every request but ``/healthz`` must carry one of
+    them as ``X-API-Key``, and each key is a tenant: its sessions, models, samplers and runs are
+    invisible to the other keys (their ids answer 404). Without, whoever can connect is the one
+    tenant and sees every run of the store.
+    """
     app = FastAPI(title="homefire trainer server", docs_url=None, redoc_url=None)
     rest = RestClient(service.store, service.capabilities)
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    tenants = {key: tenant_account(key) for key in keys}
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
         path = request.url.path
-        if api_key is not None and not path.endswith("/healthz") \
-                and request.headers.get("x-api-key") != api_key:
+        given = request.headers.get("x-api-key")
+        request.state.tenant = tenants.get(given) if tenants else LOCAL_TENANT
+        if tenants and not path.endswith("/healthz") and given not in tenants:
             response: Response = _error("missing or wrong X-API-Key", 401)
         elif int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             response = _error(f"request body over {MAX_BODY_BYTES} bytes", 413)
@@ -119,7 +134,7 @@ def create_app(service: TrainerService, api_key: str | None = None) -> FastAPI:
 
     @app.post(f"{api}/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
-        return service.create_session(await body_json(request))
+        return service.create_session(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/session_heartbeat")
     async def heartbeat() -> dict[str, Any]:
@@ -130,58 +145,60 @@ def create_app(service: TrainerService, api_key: str | None = None) -> FastAPI:
         return {"status": "accepted"}
 
     @app.post(api + "/sessions/{session_id}/finish")
-    async def finish(session_id: str) -> dict[str, Any]:
-        service.finish_session(session_id)
+    async def finish(session_id: str, request: Request) -> dict[str, Any]:
+        service.finish_session(session_id, request.state.tenant)
         return {"status": "ok"}
 
     # ---- training
     @app.post(f"{api}/create_model")
     async def create_model(request: Request) -> dict[str, Any]:
-        return service.create_model(await body_json(request))
+        return service.create_model(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
-        return service.get_info(await body_json(request))
+        return service.get_info(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
         if request.headers.get("content-type", "").startswith(PROTOBUF):
-            return service.forward_backward(await request.body())
+            return service.forward_backward(await request.body(), request.state.tenant)
         raise RequestError("forward_backward takes the ForwardBackwardRequest protobuf "
                            "(Content-Type: application/x-protobuf), as tinker 0.38 sends it")
 
     @app.post(f"{api}/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
-        return service.optim_step(await body_json(request))
+        return service.optim_step(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
-        return service.save_weights(await body_json(request))
+        return service.save_weights(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
-        return service.save_weights_for_sampler(await body_json(request))
+        return service.save_weights_for_sampler(await body_json(request),
+                                                request.state.tenant)
 
     @app.post(f"{api}/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
-        return service.load_weights(await body_json(request))
+        return service.load_weights(await body_json(request), request.state.tenant)
 
     @app.post(f"{api}/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:
-        return service.weights_info(await body_json(request))
+        return service.weights_info(await body_json(request), request.state.tenant)
 
     # ---- sampling
     @app.post(f"{api}/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
-        return service.create_sampling_session(await body_json(request))
+        return service.create_sampling_session(await body_json(request),
+                                               request.state.tenant)
 
     @app.get(api + "/samplers/{sampler_id}")
-    async def get_sampler(sampler_id: str) -> dict[str, Any]:
-        return service.get_sampler(sampler_id)
+    async def get_sampler(sampler_id: str, request: Request) -> dict[str, Any]:
+        return service.get_sampler(sampler_id, request.state.tenant)
 
     @app.post(f"{api}/asample")
     async def asample(request: Request) -> dict[str, Any]:
-        return service.asample(await body_json(request))
+        return service.asample(await body_json(request), request.state.tenant)
 
     # ---- futures
     @app.post(f"{api}/retrieve_future")
@@ -202,19 +219,27 @@ def create_app(service: TrainerService, api_key: str | None = None) -> FastAPI:
         return service.capabilities()
 
     @app.get(f"{api}/training_runs")
-    async def training_runs(limit: int = 20, offset: int = 0) -> Any:
-        return rest.list_training_runs(limit, offset).result().model_dump(mode="json")
+    async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> Any:
+        if limit < 1 or offset < 0:
+            raise RequestError(f"limit must be >= 1 and offset >= 0, got {limit}, {offset}")
+        runs = service.list_runs(request.state.tenant)
+        page = [rest.get_training_run(r).result() for r in runs[offset:offset + limit]]
+        return {"training_runs": [run.model_dump(mode="json") for run in page],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
 
     @app.get(api + "/training_runs/{run_id}")
-    async def training_run(run_id: str) -> Any:
+    async def training_run(run_id: str, request: Request) -> Any:
+        service.check_run(run_id, request.state.tenant)
         return rest.get_training_run(run_id).result().model_dump(mode="json")
 
     @app.get(api + "/training_runs/{run_id}/checkpoints")
-    async def checkpoints(run_id: str) -> Any:
+    async def checkpoints(run_id: str, request: Request) -> Any:
+        service.check_run(run_id, request.state.tenant)
         return rest.list_checkpoints(run_id).result().model_dump(mode="json")
 
     @app.delete(api + "/training_runs/{run_id}/checkpoints/{kind}/{name}")
-    async def delete_checkpoint(run_id: str, kind: str, name: str) -> Any:
+    async def delete_checkpoint(run_id: str, kind: str, name: str, request: Request) -> Any:
+        service.check_run(run_id, request.state.tenant)
         rest.delete_checkpoint(run_id, f"{kind}/{name}").result()
         return {}
 

@@ -10,6 +10,7 @@ Asynchronous requests return a future at once (:class:`FutureStore`) and run on 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from training.sdk.store import (
     StoreError,
     make_tinker_path,
     parse_tinker_path,
+    validate_name,
 )
 from training.sdk.training_client import TrainingClient, TrainingUsageError
 from training.sdk.types import AdamParams, ModelInput, SamplingParams
@@ -47,6 +49,19 @@ EPHEMERAL_TTL_S = 3600
 """Lifetime of the unnamed sampler snapshots of ``save_weights_and_get_sampling_client``."""
 
 
+LOCAL_TENANT: str | None = None
+"""The tenant of a server without API keys: one tenant (whoever can connect), whose runs are
+every run in the store, made under the default account."""
+
+
+def tenant_account(api_key: str | None) -> str | None:
+    """The store account of the tenant an API key stands for: its runs are made under that
+    account, and the other keys' runs are invisible to it."""
+    if api_key is None:
+        return LOCAL_TENANT
+    return "t" + hashlib.sha256(api_key.encode()).hexdigest()[:15]
+
+
 class RequestError(ValueError):
     """A request the server refuses (HTTP 4xx with Tinker's ``{"error", "category"}``)."""
 
@@ -59,6 +74,7 @@ class RequestError(ValueError):
 class _Model:
     model_id: str
     session_id: str
+    tenant: str | None
     client: TrainingClient
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,6 +82,7 @@ class _Model:
 @dataclass
 class _Sampler:
     sampling_session_id: str
+    tenant: str | None
     base_model: str
     model_path: str | None
 
@@ -110,15 +127,17 @@ class TrainerService:
         self.futures.close()
 
     # ---------------------------------------------------------------- sessions
-    def create_session(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_session(self, body: dict[str, Any],
+                       tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
         session_id = f"s{secrets.token_hex(6)}"
         with self._lock:
             self.sessions[session_id] = {"user_metadata": body.get("user_metadata") or {},
-                                         "tags": body.get("tags") or []}
+                                         "tags": body.get("tags") or [], "tenant": tenant}
         return {"type": "create_session", "session_id": session_id}
 
-    def finish_session(self, session_id: str) -> None:
+    def finish_session(self, session_id: str, tenant: str | None = LOCAL_TENANT) -> None:
         """Forget a session's models and samplers (their checkpoints stay in the store)."""
+        self._session(session_id, tenant)
         with self._lock:
             self.sessions.pop(session_id, None)
             for model_id in [m for m, e in self.models.items() if e.session_id == session_id]:
@@ -126,11 +145,24 @@ class TrainerService:
             for sid in [s for s in self.samplers if s.startswith(f"{session_id}:")]:
                 del self.samplers[sid]
 
-    def _session(self, session_id: Any) -> str:
-        if not isinstance(session_id, str) or session_id not in self.sessions:
+    def _session(self, session_id: Any, tenant: str | None) -> str:
+        session = self.sessions.get(session_id) if isinstance(session_id, str) else None
+        if session is None or session["tenant"] != tenant:
             raise RequestError(f"unknown session_id {session_id!r}: create a session first "
                                f"(the server may have restarted)", 404)
         return session_id
+
+    def check_run(self, run_id: Any, tenant: str | None) -> str:
+        """``run_id`` if it is a trainer job of ``tenant`` (another tenant's looks absent)."""
+        if not isinstance(run_id, str):
+            raise RequestError(f"expected a run id, got {run_id!r}")
+        try:
+            job = self.store.get_job(validate_name(run_id, "run id"))
+        except (StoreError, ValueError):
+            job = None
+        if job is None or (tenant is not None and job.account != tenant):
+            raise RequestError(f"no training run {run_id!r}", 404)
+        return run_id
 
     # ---------------------------------------------------------------- futures
     def _future(self, kind: str, run: Callable[[], tuple[Any, str]], *, key: str,
@@ -159,9 +191,9 @@ class TrainerService:
                 **(extra or {})}
 
     # ---------------------------------------------------------------- models
-    def _model(self, model_id: Any) -> _Model:
+    def _model(self, model_id: Any, tenant: str | None) -> _Model:
         model = self.models.get(model_id) if isinstance(model_id, str) else None
-        if model is None:
+        if model is None or model.tenant != tenant:
             raise RequestError(f"model {model_id!r} is not loaded on this server (it was never "
                                f"created, its session finished, or the server restarted): "
                                f"create it again, or resume with "
@@ -174,18 +206,20 @@ class TrainerService:
                                f"trains {self.base_models} (start it with --base-model)")
         return base_model
 
-    def _service_client(self) -> ServiceClient:
+    def _service_client(self, tenant: str | None) -> ServiceClient:
         return ServiceClient(self.store.root_url, device=self.device,
-                             mixed_precision=self.mixed_precision, deploy_mgr=self.deploy_mgr)
+                             mixed_precision=self.mixed_precision, deploy_mgr=self.deploy_mgr,
+                             account=tenant)
 
-    def create_model(self, body: dict[str, Any]) -> dict[str, Any]:
-        session_id = self._session(body.get("session_id"))
+    def create_model(self, body: dict[str, Any],
+                     tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        session_id = self._session(body.get("session_id"), tenant)
         base_model = self._check_base_model(body.get("base_model"))
         model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
         lora = body.get("lora_config") or {}
 
         def run() -> tuple[Any, str]:
-            service = self._service_client()
+            service = self._service_client(tenant)
             if lora.get("rank"):
                 client = service.create_lora_training_client(
                     base_model, rank=int(lora["rank"]), seed=lora.get("seed"),
@@ -195,20 +229,21 @@ class TrainerService:
             else:
                 client = service.create_training_client(
                     base_model, user_metadata=body.get("user_metadata"))
-            self._add_model(model_id, session_id, client)
+            self._add_model(model_id, session_id, tenant, client)
             return {"type": "create_model", "model_id": model_id}, "application/json"
 
         return self._future("create_model", run, key=f"{session_id}:create", model_id=model_id)
 
-    def _add_model(self, model_id: str, session_id: str, client: TrainingClient) -> None:
+    def _add_model(self, model_id: str, session_id: str, tenant: str | None,
+                   client: TrainingClient) -> None:
         with self._lock:
-            self.models[model_id] = _Model(model_id, session_id, client)
+            self.models[model_id] = _Model(model_id, session_id, tenant, client)
         self.scheduler.expect(model_id, 0)
         logger.info("model %s: job %s (%s, lora_rank %d)", model_id, client.job_id,
                     client.base_model, client.job.lora_rank)
 
-    def get_info(self, body: dict[str, Any]) -> dict[str, Any]:
-        model = self._model(body.get("model_id"))
+    def get_info(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        model = self._model(body.get("model_id"), tenant)
         info = model.client.get_info().model_dump(mode="json", exclude_none=True)
         info["model_id"] = model.model_id
         # The client loads the tokenizer by this name: a local directory loads offline.
@@ -217,15 +252,15 @@ class TrainerService:
                 info["model_data"]["tokenizer_id"] = source
         return info
 
-    def weights_info(self, body: dict[str, Any]) -> dict[str, Any]:
+    def weights_info(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
         job_id, _, _ = _tinker_path(body.get("tinker_path"))
-        job = self.store.get_job(job_id)
+        job = self.store.get_job(self.check_run(job_id, tenant))
         return {"base_model": job.base_model, "is_lora": job.lora_rank > 0,
                 "lora_rank": job.lora_rank or None}
 
-    def forward_backward(self, body: bytes) -> dict[str, Any]:
+    def forward_backward(self, body: bytes, tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
         call = forward_backward_call(body)
-        model = self._model(call.model_id)
+        model = self._model(call.model_id, tenant)
 
         def run() -> tuple[Any, str]:
             client = model.client
@@ -239,8 +274,8 @@ class TrainerService:
         return self._future("forward" if call.forward_only else "forward_backward", run,
                             key=model.model_id, model_id=model.model_id, seq_id=call.seq_id)
 
-    def optim_step(self, body: dict[str, Any]) -> dict[str, Any]:
-        model = self._model(body.get("model_id"))
+    def optim_step(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        model = self._model(body.get("model_id"), tenant)
         params = body.get("adam_params")
         if not isinstance(params, dict):
             raise RequestError("optim_step needs adam_params (only AdamW is served)")
@@ -254,8 +289,8 @@ class TrainerService:
         return self._future("optim_step", run, key=model.model_id, model_id=model.model_id,
                             seq_id=_seq(body))
 
-    def save_weights(self, body: dict[str, Any]) -> dict[str, Any]:
-        model = self._model(body.get("model_id"))
+    def save_weights(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        model = self._model(body.get("model_id"), tenant)
         name = body.get("path")
 
         def run() -> tuple[Any, str]:
@@ -270,8 +305,8 @@ class TrainerService:
         return self._future("save_weights", run, key=model.model_id, model_id=model.model_id,
                             seq_id=_seq(body))
 
-    def save_weights_for_sampler(self, body: dict[str, Any]) -> dict[str, Any]:
-        model = self._model(body.get("model_id"))
+    def save_weights_for_sampler(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        model = self._model(body.get("model_id"), tenant)
         name = body.get("path")
         ephemeral = name is None
 
@@ -283,7 +318,7 @@ class TrainerService:
                 sampler_id = (f"{model.session_id}:sample:"
                               f"{int(body.get('sampling_session_seq_id', 0))}")
                 path = make_tinker_path(client.job_id, "sampler", saved.snapshot_name)
-                self._add_sampler(sampler_id, client.base_model, path)
+                self._add_sampler(sampler_id, tenant, client.base_model, path)
                 return {"type": "save_weights_for_sampler",
                         "sampling_session_id": sampler_id}, "application/json"
             saved = client.save_weights_for_sampler_ext(name, ttl_seconds=body.get("ttl_seconds"))
@@ -293,12 +328,12 @@ class TrainerService:
         return self._future("save_weights_for_sampler", run, key=model.model_id,
                             model_id=model.model_id, seq_id=_seq(body))
 
-    def load_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+    def load_weights(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
         path = body.get("path")
-        _tinker_path(path)
+        self.check_run(_tinker_path(path)[0], tenant)
         with_optimizer = bool(body.get("optimizer", False))
         if body.get("model_id"):  # TrainingClient.load_state* on an existing model
-            model = self._model(body["model_id"])
+            model = self._model(body["model_id"], tenant)
 
             def run_existing() -> tuple[Any, str]:
                 load = (model.client.load_state_with_optimizer if with_optimizer
@@ -309,16 +344,16 @@ class TrainerService:
 
             return self._future("load_weights", run_existing, key=model.model_id,
                                 model_id=model.model_id, seq_id=_seq(body))
-        session_id = self._session(body.get("session_id"))
+        session_id = self._session(body.get("session_id"), tenant)
         model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
 
         def run_new() -> tuple[Any, str]:
             job_id, _, _ = _tinker_path(path)
             self._check_base_model(self.store.get_job(job_id).base_model)
-            service = self._service_client()
+            service = self._service_client(tenant)
             client = (service.create_training_client_from_state_with_optimizer(path)
                       if with_optimizer else service.create_training_client_from_state(path))
-            self._add_model(model_id, session_id, client)
+            self._add_model(model_id, session_id, tenant, client)
             return {"type": "load_weights", "path": path, "model_id": model_id}, \
                 "application/json"
 
@@ -326,37 +361,41 @@ class TrainerService:
                             model_id=model_id)
 
     # ---------------------------------------------------------------- sampling
-    def _add_sampler(self, sampler_id: str, base_model: str, model_path: str | None) -> None:
+    def _add_sampler(self, sampler_id: str, tenant: str | None, base_model: str,
+                     model_path: str | None) -> None:
         with self._lock:
-            self.samplers[sampler_id] = _Sampler(sampler_id, base_model, model_path)
+            self.samplers[sampler_id] = _Sampler(sampler_id, tenant, base_model, model_path)
 
-    def create_sampling_session(self, body: dict[str, Any]) -> dict[str, Any]:
-        session_id = self._session(body.get("session_id"))
+    def _sampler(self, sampler_id: Any, tenant: str | None) -> _Sampler:
+        sampler = self.samplers.get(sampler_id) if isinstance(sampler_id, str) else None
+        if sampler is None or sampler.tenant != tenant:
+            raise RequestError(f"unknown sampling session {sampler_id!r} (the server may have "
+                               f"restarted): create a sampling client again", 404)
+        return sampler
+
+    def create_sampling_session(self, body: dict[str, Any],
+                                tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        session_id = self._session(body.get("session_id"), tenant)
         model_path, base_model = body.get("model_path"), body.get("base_model")
         if model_path is not None:
             job_id, kind, _ = _tinker_path(model_path)
+            self.check_run(job_id, tenant)
             if kind != "sampler":
                 raise RequestError(f"model_path {model_path!r} is a train state; sample from a "
                                    f"save_weights_for_sampler path (.../sampler_weights/...)")
             base_model = self.store.get_job(job_id).base_model
         self._check_base_model(base_model)
         sampler_id = f"{session_id}:sample:{int(body.get('sampling_session_seq_id', 0))}"
-        self._add_sampler(sampler_id, base_model, model_path)
+        self._add_sampler(sampler_id, tenant, base_model, model_path)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
-    def get_sampler(self, sampler_id: str) -> dict[str, Any]:
-        sampler = self.samplers.get(sampler_id)
-        if sampler is None:
-            raise RequestError(f"unknown sampling session {sampler_id!r}", 404)
+    def get_sampler(self, sampler_id: str, tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        sampler = self._sampler(sampler_id, tenant)
         return {"sampler_id": sampler_id, "base_model": sampler.base_model,
                 **({"model_path": sampler.model_path} if sampler.model_path else {})}
 
-    def asample(self, body: dict[str, Any]) -> dict[str, Any]:
-        sampler = self.samplers.get(body.get("sampling_session_id"))
-        if sampler is None:
-            raise RequestError(f"unknown sampling session {body.get('sampling_session_id')!r} "
-                               f"(the server may have restarted): create a sampling client "
-                               f"again", 404)
+    def asample(self, body: dict[str, Any], tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        sampler = self._sampler(body.get("sampling_session_id"), tenant)
         num_samples = int(body.get("num_samples", 1))
         if not 1 <= num_samples <= 1024:
             raise RequestError(f"num_samples must be between 1 and 1024, got {num_samples}")
@@ -393,6 +432,13 @@ class TrainerService:
         return self.deploy_mgr.create_or_get(base_model, deployment_id).deployment_id
 
     # ---------------------------------------------------------------- capabilities
+    def list_runs(self, tenant: str | None) -> list[str]:
+        """The run ids ``tenant`` may see, newest first."""
+        jobs = [self.store.get_job(j) for j in self.store.list_jobs()]
+        mine = sorted((j for j in jobs if tenant is None or j.account == tenant),
+                      key=lambda j: j.created_at, reverse=True)
+        return [j.job_id for j in mine]
+
     def capabilities(self) -> dict[str, Any]:
         return {"supported_models": [{"model_name": name, "trainable": True,
                                       "sampleable": True} for name in self.base_models]}
