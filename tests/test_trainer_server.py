@@ -161,8 +161,15 @@ def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple
         return e.code, json.loads(e.read())
 
 
-def test_bad_requests_get_4xx_with_a_message(server):
+def test_bad_requests_get_4xx_with_a_message(server, monkeypatch):
+    import training.server.app as app_module
+
     api = f"{server.url}/api/v1"
+    limit = app_module.MAX_BODY_BYTES
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 1000)
+    status, body = _post(f"{api}/create_session", b"{" + b" " * 2000 + b"}")
+    assert status == 413 and "over 1000 bytes" in body["error"]
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", limit)
     status, body = _post(f"{api}/create_session", b"[1, 2]")
     assert status == 400 and "JSON object" in body["error"]
     status, body = _post(f"{api}/create_session", b"{not json")
