@@ -31,7 +31,11 @@ from training.sdk.store import (
     JobNotFoundError,
     StoreError,
 )
-from training.sdk.training_client import TrainingClient, TrainingUsageError
+from training.sdk.training_client import (
+    NonFiniteWeightsError,
+    TrainingClient,
+    TrainingUsageError,
+)
 from training.sdk.types import (
     AdamParams,
     Datum,
@@ -64,6 +68,7 @@ __all__ = [
     "FiretitanTrainingClient", "FireworksClient", "ForwardBackwardOutput", "GradAccNormalization",
     "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
-    "TensorData", "TrainingClient", "TrainingUsageError", "datum_from_model_input_weights",
+    "NonFiniteWeightsError", "TensorData", "TrainingClient", "TrainingUsageError",
+    "datum_from_model_input_weights",
     "validate_output_model_id",
 ]

@@ -21,6 +21,7 @@ of how to save a promotable checkpoint instead.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -324,6 +325,7 @@ class ModelRegistry:
                 self._merge_adapter(job, source_dir, staging)
             else:
                 self._copy_snapshot_files(source_dir, staging)
+            _check_finite_files(staging, f"promoting {name}")
         now = time.time()
         model_type = "INFERENCE_BASE" if merge else snapshot.snapshot_type
         meta = EntryMeta(
@@ -513,3 +515,16 @@ def _normalize_promote_args(name: str | None, output_model_id: str | None,
         raise TypeError("promote_checkpoint() needs name= (the 4-segment checkpoint name from "
                         "list_checkpoints), or the deprecated job_id= and checkpoint_id=")
     return (job_id, checkpoint_id), output_model_id, base_model, True
+
+
+def _check_finite_files(directory: str, what: str) -> None:
+    """Refuse weights with NaN or infinite values (a model trained to NaN must not be
+    promoted): every tensor of every ``.safetensors`` file in ``directory`` is checked."""
+    from safetensors import safe_open
+
+    from training.sdk.training_client import check_finite_weights
+
+    for file in sorted(os.listdir(directory)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, file), framework="pt") as f:
+                check_finite_weights({k: f.get_tensor(k) for k in f.keys()}, f"{what} ({file})")

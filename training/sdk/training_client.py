@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import pickle
 import secrets
 import threading
@@ -100,6 +101,35 @@ def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
     trainable = {name for name, p in model.named_parameters(remove_duplicate=False)
                  if p.requires_grad}
     return {k: v for k, v in state.items() if k in trainable}
+
+
+def _check_adam_params(params: AdamParams) -> None:
+    checks = {"learning_rate": params.learning_rate >= 0, "beta1": 0 <= params.beta1 < 1,
+              "beta2": 0 <= params.beta2 < 1, "eps": params.eps > 0,
+              "weight_decay": params.weight_decay >= 0,
+              "grad_clip_norm": params.grad_clip_norm >= 0}
+    for name, ok in checks.items():
+        value = getattr(params, name)
+        if not (math.isfinite(value) and ok):
+            raise ValueError(f"AdamParams.{name}={value} is out of range: learning_rate, "
+                             f"weight_decay and grad_clip_norm must be finite and >= 0, beta1 "
+                             f"and beta2 in [0, 1), eps > 0")
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights with NaN or infinite values would be saved for inference or promoted."""
+
+
+def check_finite_weights(weights: Any, what: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first floating tensor of ``weights`` (a
+    name -> tensor mapping) that holds a NaN or an infinity."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(
+                f"{what}: tensor {name!r} has {bad} NaN/infinite values of {tensor.numel()}; "
+                f"refusing to save weights no one can use. Resume from an earlier checkpoint "
+                f"with a lower learning rate or gradient clipping")
 
 
 class TrainingUsageError(RuntimeError):
@@ -644,12 +674,20 @@ class TrainingClient(AwaitableSelf):
 
         ``grad_accumulation_normalization`` divides the accumulated gradient by the number of loss
         tokens or sequences first; ``None`` means ``NONE`` (raw sum, as in Tinker).
+
+        Gradients with a NaN or infinite norm never reach the weights: the update is skipped
+        (weights, optimizer moments and :attr:`step` stay as they were, the gradients are
+        dropped) and the result says so with ``metrics["non_finite"] == 1.0`` (0.0 otherwise).
+
+        Raises:
+            ValueError: a non-finite or out-of-range Adam parameter.
         """
         self._check_trainable("optim_step")
         adam_params = as_adam_params(adam_params)
+        _check_adam_params(adam_params)
         if not self._pending_backward:
             raise TrainingUsageError("optim_step called with no gradients: call forward_backward "
-                               "(or forward_backward_custom) first")
+                                     "(or forward_backward_custom) first")
         mode = GradAccNormalization(grad_accumulation_normalization or GradAccNormalization.NONE)
         denominator = {GradAccNormalization.NUM_LOSS_TOKENS: self._pending_loss_tokens,
                        GradAccNormalization.NUM_SEQUENCES: self._pending_sequences,
@@ -665,6 +703,17 @@ class TrainingClient(AwaitableSelf):
                 with collective("reducing the gradient norm"):
                     total = total.full_tensor()
             grad_norm = float(total) / denominator
+        if not math.isfinite(grad_norm):
+            # One NaN/inf gradient would make every weight and Adam moment NaN for good.
+            self.model.zero_grad(set_to_none=True)
+            self._pending_backward = False
+            self._pending_loss_tokens = self._pending_sequences = 0
+            logger.warning("job %s: the gradient norm is %s; the update was skipped (weights "
+                           "unchanged at step %d)", self.job_id, grad_norm, self._step)
+            return _done(OptimStepResponse(metrics={
+                "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
+                "step": float(self._step), "normalized_by": float(denominator),
+                "non_finite": 1.0}))
         scale = 1.0 / denominator
         if 0 < adam_params.grad_clip_norm < grad_norm:
             scale *= adam_params.grad_clip_norm / (grad_norm + 1e-6)
@@ -685,7 +734,8 @@ class TrainingClient(AwaitableSelf):
         self._pending_loss_tokens = self._pending_sequences = 0
         return _done(OptimStepResponse(metrics={
             "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
-            "step": float(self._step), "normalized_by": float(denominator)}))
+            "step": float(self._step), "normalized_by": float(denominator),
+            "non_finite": 0.0}))
 
     # ---------------------------------------------------------------- train state (DCP)
     def save_state(self, name: str, ttl_seconds: int | None = None, timeout: float | None = None,
@@ -951,6 +1001,10 @@ class TrainingClient(AwaitableSelf):
         # An adapter is saved as itself; only full-parameter snapshots need a weights copy.
         # Under torchrun the full weights are gathered to rank 0, which alone writes them.
         weights = self._adapter_weights() if lora else self._sampler_weights()
+        if weights or not self.world.distributed:  # rank 0 checks what it will write
+            check_finite_weights(weights or {n: p.detach() for n, p in
+                                             self.model.named_parameters() if p.requires_grad},
+                                 f"sampler snapshot {snapshot_name!r} of job {self.job_id}")
         extra: dict[str, Any] = {"step": self._step,
                                  "dtype": str(self.sampler_dtype).removeprefix("torch.")}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import random
 import typing
@@ -95,6 +96,13 @@ class TrainConfig:
     """Decoupled (AdamW) weight decay."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm (0 = off)."""
+    non_finite_policy: str = "error"
+    """A step whose loss or gradient norm is NaN/infinite never updates the weights; then
+    'error' stops the run naming the step and the last good checkpoint (nothing is saved after
+    it), 'skip' goes on to the next batch (counted as skipped_non_finite in metrics.jsonl) and
+    stops after max_non_finite_steps such steps in a row."""
+    max_non_finite_steps: int = 3
+    """With non_finite_policy=skip: consecutive non-finite steps before the run stops."""
     dcp_save_interval: int = 0
     """Save a resumable STATE checkpoint every N steps; 0 = off (then an interrupted run
     restarts from scratch)."""
@@ -164,8 +172,14 @@ def validate_common(config: Any) -> None:
     if getattr(config, "dcp_save_interval", 0) < 0:
         raise ConfigError(f"dcp_save_interval must be >= 0 (0 = off), got "
                           f"{config.dcp_save_interval}")
-    if getattr(config, "learning_rate", 1.0) <= 0:
-        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+    _check_optimizer_fields(config)
+    policy = getattr(config, "non_finite_policy", "error")
+    if policy not in NON_FINITE_POLICIES:
+        raise ConfigError(f"non_finite_policy={policy!r}: expected one of "
+                          f"{', '.join(NON_FINITE_POLICIES)}")
+    if getattr(config, "max_non_finite_steps", 1) < 1:
+        raise ConfigError(f"max_non_finite_steps must be >= 1, got "
+                          f"{config.max_non_finite_steps}")
     # Fields several (not all) recipes have: checked here once, when present.
     long_row_policy = getattr(config, "long_row_policy", None)
     if long_row_policy is not None:
@@ -201,6 +215,40 @@ def validate_common(config: Any) -> None:
         if problems:
             raise ConfigError(f"output_model_id={output_model_id!r} is invalid: "
                               f"{'; '.join(problems)}")
+
+
+NON_FINITE_POLICIES = ("error", "skip")
+"""Values of ``non_finite_policy``."""
+
+_RANGES: dict[str, tuple[str, Any]] = {
+    # field: (rule, what the message says)
+    "learning_rate": ("positive", "> 0"),
+    "adam_beta1": ("unit", "in [0, 1)"),
+    "adam_beta2": ("unit", "in [0, 1)"),
+    "adam_eps": ("positive", "> 0"),
+    "weight_decay": ("non-negative", ">= 0"),
+    "grad_clip_norm": ("non-negative", ">= 0 (0 = off)"),
+    "warmup_steps": ("non-negative", ">= 0"),
+    "lora_dropout": ("unit", "in [0, 1)"),
+    "temperature": ("positive", "> 0"),
+    "beta": ("positive", "> 0"),
+    "kl_beta": ("non-negative", ">= 0"),
+    "dro_beta": ("non-negative", ">= 0"),
+}
+"""Numeric fields every run refuses outside these ranges, NaN and infinity included (a NaN
+learning rate passed 'learning_rate <= 0' once and trained a model to NaN)."""
+
+
+def _check_optimizer_fields(config: Any) -> None:
+    for name, (rule, text) in _RANGES.items():
+        value = getattr(config, name, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok = math.isfinite(value) and {
+            "positive": value > 0, "non-negative": value >= 0,
+            "unit": 0 <= value < 1}[rule]
+        if not ok:
+            raise ConfigError(f"{name} must be a finite number {text}, got {value}")
 
 
 _SIMPLE_TYPES = (bool, int, float, str)

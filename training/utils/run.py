@@ -20,6 +20,7 @@ metrics, progress, and promotion::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -104,6 +105,12 @@ class RunLock:
             self._file.close()
 
 
+class NonFiniteStepError(RuntimeError):
+    """A training step's loss or gradient norm was NaN or infinite (see
+    ``TrainConfig.non_finite_policy``); the message names the step and the last good
+    checkpoint."""
+
+
 @dataclass
 class RunResult:
     """What a finished (or already complete) run produced."""
@@ -152,6 +159,7 @@ class ResumableRun:
         self.final_row: dict[str, Any] | None = None
         self._metrics: MetricsLogger | None = None
         self._progress: Progress | None = None
+        self._non_finite_in_a_row = 0
 
     def _claim_log_path(self) -> tuple[dict[str, Any] | None, str | None,
                                        dict[str, Any] | None]:
@@ -370,6 +378,15 @@ class ResumableRun:
         present). ``user_state`` is extra recipe state to store with a STATE/BOTH save.
         """
         assert self.checkpoints is not None, "call start() first"
+        bad = {k: metrics[k] for k in ("loss", "grad_norm")
+               if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])}
+        if bad:
+            # The training client skipped the update (a non-finite gradient never reaches the
+            # weights); this decides whether the run goes on.
+            self._non_finite_in_a_row += 1
+            metrics = {**metrics, "skipped_non_finite": 1}
+        else:
+            self._non_finite_in_a_row = 0
         if self._metrics is not None and self._progress is not None:  # rank 0
             self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(),
                                      **metrics})
@@ -379,6 +396,8 @@ class ResumableRun:
             self._progress.update(step, postfix)
         if self.checkpoints.poll():  # background saves that committed since: record them
             self._apply_retention()
+        if bad:
+            self._check_non_finite(step, bad)
         fault_point("step")  # test hook: the step is done, its checkpoint not yet saved
         if step >= self.total_steps:
             self.final_row = self.checkpoints.save(f"step-{step}", step=step,
@@ -389,6 +408,30 @@ class ResumableRun:
             self.checkpoints.save(f"step-{step}", step=step, data_consumed=data_consumed,
                                   kind=CheckpointKind.STATE, user_state=user_state)
             self._apply_retention()
+
+    def _check_non_finite(self, step: int, bad: dict[str, float]) -> None:
+        """Stop the run on a non-finite step (or the max_non_finite_steps-th in a row with
+        non_finite_policy=skip), naming the last good checkpoint; nothing is saved after it."""
+        config = self.config
+        what = " and ".join(f"{k} is {v}" for k, v in bad.items())
+        skipping = getattr(config, "non_finite_policy", "error") == "skip"
+        limit = getattr(config, "max_non_finite_steps", 3)
+        if skipping and self._non_finite_in_a_row < limit:
+            logger.warning("step %d: %s; the update was skipped (non_finite_policy=skip, %d in "
+                           "a row)", step, what, self._non_finite_in_a_row)
+            return
+        assert self.checkpoints is not None
+        self.checkpoints.wait()
+        last = self.checkpoints.log.last_resumable()
+        resume = (f"The last good checkpoint is {last['name']} (step {last['step']}): a rerun "
+                  f"resumes from it" if last else "No checkpoint was saved yet: a rerun starts "
+                  "over")
+        why = (f"{self._non_finite_in_a_row} steps in a row were non-finite" if skipping
+               else "non_finite_policy=error")
+        raise NonFiniteStepError(
+            f"step {step}: {what}; the update was not applied and nothing was saved after it "
+            f"({why}). {resume}. Lower learning_rate, set grad_clip_norm, check the data, or "
+            f"set non_finite_policy=skip to skip such steps")
 
     def _apply_retention(self) -> None:
         assert self.checkpoints is not None

@@ -1,0 +1,123 @@
+"""A run never trains on, saves or promotes garbage: non-finite values are refused or stopped."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.recipes.sft_loop import Config, main
+from training.sdk import (
+    AdamParams,
+    Datum,
+    ModelInput,
+    ModelRegistry,
+    NonFiniteWeightsError,
+)
+from training.utils import ConfigError, InfraConfig
+from training.utils.metrics import read_metrics
+from training.utils.run import NonFiniteStepError
+
+from .conftest import TEST_MODEL, checkpoint_rows
+
+
+def _config(tmp_path: Path, log_name: str = "run", **overrides) -> Config:
+    fields = dict(log_path=str(tmp_path / log_name), base_model=TEST_MODEL, batch_size=4,
+                  max_steps=6, dcp_save_interval=2, seed=3,
+                  infra=InfraConfig(storage_root=str(tmp_path / "store"), num_threads=1,
+                                    mixed_precision="no"))
+    fields.update(overrides)
+    return Config(**fields)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("learning_rate", float("nan"), "learning_rate must be a finite number > 0, got nan"),
+    ("learning_rate", float("inf"), "learning_rate must be a finite number > 0, got inf"),
+    ("learning_rate", -1e-3, "learning_rate must be a finite number > 0"),
+    ("adam_beta1", 1.0, r"adam_beta1 must be a finite number in \[0, 1\)"),
+    ("adam_beta2", float("nan"), "adam_beta2 must be a finite number"),
+    ("adam_eps", 0.0, "adam_eps must be a finite number > 0"),
+    ("weight_decay", float("-inf"), "weight_decay must be a finite number >= 0"),
+    ("grad_clip_norm", float("nan"), "grad_clip_norm must be a finite number >= 0"),
+    ("warmup_steps", -1, "warmup_steps must be a finite number >= 0"),
+    ("non_finite_policy", "ignore", "non_finite_policy='ignore': expected one of error, skip"),
+])
+def test_non_finite_and_out_of_range_settings_are_refused(tmp_path, field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        main(_config(tmp_path, **{field: value}))
+    assert not (tmp_path / "store").exists()  # refused before anything was loaded
+
+
+def test_optim_step_after_a_non_finite_backward_leaves_the_weights(make_client):
+    client = make_client()
+    tokens = list(range(5, 25))
+    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
+                  loss_fn_inputs={"target_tokens": tokens[1:]})
+    client.forward_backward([datum]).result()
+    client.optim_step(AdamParams(learning_rate=1e-3)).result()
+    before = {n: p.detach().clone() for n, p in client.model.named_parameters()}
+    moments = {k: v.clone() for k, v in client._optimizer.state[
+        next(iter(client._optimizer.state))].items()}
+    client.forward_backward_custom([datum], lambda d, lp: (lp[0].sum() * float("nan"), {}))
+    result = client.optim_step(AdamParams(learning_rate=1e-3)).result()
+    assert result.metrics["non_finite"] == 1.0 and math.isnan(result.metrics["grad_norm"])
+    assert client.step == 1  # not counted as a step
+    assert all(torch.equal(p, before[n]) for n, p in client.model.named_parameters())
+    after = client._optimizer.state[next(iter(client._optimizer.state))]
+    assert all(torch.equal(after[k], moments[k]) for k in moments)
+    # The bad gradients were dropped: the next step trains normally.
+    client.forward_backward([datum]).result()
+    assert client.optim_step(AdamParams(learning_rate=1e-3)).result().metrics["non_finite"] == 0
+    with pytest.raises(ValueError, match="AdamParams.learning_rate=nan is out of range"):
+        client.optim_step(AdamParams(learning_rate=float("nan")))
+
+
+def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, learning_rate=1e30, grad_clip_norm=0.0, output_model_id="nan-model")
+    with pytest.raises(NonFiniteStepError, match=r"step \d+: .*nan; the update was not applied.*"
+                                                 r"(The last good checkpoint is step-\d+|No "
+                                                 r"checkpoint was saved yet)"):
+        main(config)
+    rows = checkpoint_rows(config.log_path)
+    stopped = read_metrics(config.log_path)[-1]
+    assert stopped["skipped_non_finite"] == 1
+    assert all(r["step"] < stopped["step"] for r in rows)  # nothing saved after the bad step
+    assert not any(r.get("sampler_path") for r in rows)
+    assert not (tmp_path / "store" / "models").exists()  # nothing promoted
+
+
+def test_skip_policy_goes_on_and_stops_after_too_many_in_a_row(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, learning_rate=1e30, grad_clip_norm=0.0,
+                     non_finite_policy="skip", max_non_finite_steps=2)
+    with pytest.raises(NonFiniteStepError, match="2 steps in a row were non-finite"):
+        main(config)
+    metrics = read_metrics(config.log_path)
+    assert [m.get("skipped_non_finite", 0) for m in metrics][-2:] == [1, 1]
+
+
+def test_sampler_saves_and_promotion_refuse_non_finite_weights(make_client, store_root):
+    client = make_client()
+    saved = client.save_weights_for_sampler_ext("good", checkpoint_type="base")
+    with torch.no_grad():
+        next(client.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"sampler snapshot 'bad-.*' of job .*: "
+                                                    r"tensor '.*' has 1 NaN/infinite values"):
+        client.save_weights_for_sampler_ext("bad", checkpoint_type="base")
+    # A snapshot whose file was damaged into NaN (or saved by an older version) is not promoted.
+    entry = Path(client.store.sampler_dir(client.job_id, saved.snapshot_name))
+    weights_file = next(entry.glob("*.safetensors"))
+    tensors = load_file(str(weights_file))
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    registry = ModelRegistry(client.store)
+    (entry / "weights_manifest.json").unlink(missing_ok=True)
+    with pytest.raises(NonFiniteWeightsError, match=f"promoting .*tensor '{name}'"):
+        registry.promote_checkpoint(name=registry.checkpoint_name(client.job_id,
+                                                                  saved.snapshot_name),
+                                    output_model_id="inf-model")
+    assert not (Path(store_root) / "models" / "accounts").exists() or not any(
+        (Path(store_root) / "models").rglob("meta.json"))
