@@ -132,7 +132,7 @@ def test_bad_pairs_and_settings_are_refused_before_any_model_loads(tmp_path):
     with pytest.raises(DatasetError, match=r"bad.jsonl:1: 'positive' must be a non-empty"):
         main(_config(tmp_path, dataset=str(bad)))
     for field, value, match in [("pooling", "max", "pooling='max'"),
-                                ("temperature", 0.0, "temperature must be > 0"),
+                                ("temperature", 0.0, "temperature must be a finite number > 0"),
                                 ("batch_size", 1, "batch_size must be >= 2")]:
         with pytest.raises(ConfigError, match=match):
             main(_config(tmp_path, **{field: value}))

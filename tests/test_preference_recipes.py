@@ -225,7 +225,7 @@ def test_bad_preference_rows_fail_before_any_training(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("recipe,field,value,match", [
-    (dpo_loop, "beta", 0.0, "beta must be > 0"),
+    (dpo_loop, "beta", 0.0, "beta must be a finite number > 0"),
     (dpo_loop, "loss_type", "kto", "loss_type='kto'"),
     (dpo_loop, "long_row_policy", "cut", "long_row_policy='cut'"),
     (orpo_loop, "orpo_lambda", -1.0, "orpo_lambda must be > 0"),
