@@ -121,3 +121,34 @@ def test_sampler_saves_and_promotion_refuse_non_finite_weights(make_client, stor
                                     output_model_id="inf-model")
     assert not (Path(store_root) / "models" / "accounts").exists() or not any(
         (Path(store_root) / "models").rglob("meta.json"))
+
+
+# ---------------------------------------------------------------- run identity
+def test_a_changed_hyperparameter_is_refused_with_a_table(tmp_path, tiny_model_dir):
+    main(_config(tmp_path, max_steps=4))
+    with pytest.raises(ConfigError) as refused:
+        main(_config(tmp_path, max_steps=4, learning_rate=0.01, adam_beta2=0.99))
+    message = str(refused.value)
+    assert "learning_rate  saved 0.001" in message and "new 0.01" in message
+    assert "adam_beta2" in message and "resume_overrides=[learning_rate,adam_beta2]" in message
+    with pytest.raises(ConfigError, match=r"resume_overrides names \['lerning_rate'\]"):
+        main(_config(tmp_path, max_steps=4, resume_overrides=["lerning_rate"]))
+
+
+def test_resume_overrides_extend_a_run_and_keep_the_history(tmp_path, tiny_model_dir):
+    import json as json_module
+
+    first = main(_config(tmp_path, max_steps=4))
+    assert checkpoint_rows(first.log_path)[-1]["step"] == 4
+    extended = main(_config(tmp_path, max_steps=8, learning_rate=5e-4,
+                            resume_overrides=["max_steps", "learning_rate"]))
+    assert checkpoint_rows(extended.log_path)[-1]["step"] == 8
+    run = json_module.loads((Path(extended.log_path) / "run.json").read_text())
+    assert run["max_steps"] == 8 and run["learning_rate"] == 5e-4
+    assert [(h["field"], h["from"], h["to"], h["from_step"]) for h in run["history"]] == [
+        ("learning_rate", 0.001, 5e-4, 4), ("max_steps", 4, 8, 4)]
+    lrs = [m["learning_rate"] for m in read_metrics(extended.log_path)]
+    assert lrs[4] < 5e-4 + 1e-12  # steps 5-8 ran with the new peak learning rate
+    # A third run with the extended settings resumes as the same run: nothing to refuse.
+    again = main(_config(tmp_path, max_steps=8, learning_rate=5e-4))
+    assert again.already_complete

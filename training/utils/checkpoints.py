@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,28 +193,53 @@ class CheckpointLog:
 
 
 def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any],
-                       resuming: bool) -> None:
-    """Refuse to resume a run whose data or model changed; record the identity of a new run.
+                       resuming: bool, overrides: Sequence[str] = (),
+                       resume_step: int | None = None) -> None:
+    """Refuse to resume a run whose settings changed; record the identity of a new run.
 
     ``identity`` holds what a resumed run must share with the original (base model, dataset
-    fingerprint, batch size, ...). A fresh run (nothing to resume) overwrites ``run.json``.
+    fingerprint, batch size, learning rate, ...). A field named in ``overrides`` may change: the
+    new value becomes the run's, and ``run.json`` keeps the change in its ``history`` (with the
+    step it applies from). A fresh run (nothing to resume) overwrites ``run.json``. Fields the
+    recorded identity lacks (a run.json of an older version) are not compared.
+
+    Raises:
+        ConfigError: a changed field not in ``overrides``, shown as a table of field, saved
+            value and new value; or an override naming no identity field.
     """
     path = Path(log_path) / RUN_FILE
+    unknown = sorted(set(overrides) - set(identity))
+    if unknown:
+        raise ConfigError(f"resume_overrides names {unknown}, which are not settings of this "
+                          f"run's identity (those are: {', '.join(sorted(identity))})")
     if resuming and path.exists():
         recorded = json.loads(path.read_text())
         changed = {k: (recorded.get(k), v) for k, v in identity.items()
                    if k in recorded and recorded[k] != v}
-        if changed:
-            details = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in
-                                changed.items())
+        refused = {k: change for k, change in changed.items() if k not in overrides}
+        if refused:
+            width = max(len(k) for k in refused)
+            table = "\n".join(f"  {k:<{width}}  saved {old!r:<24} new {new!r}"
+                               for k, (old, new) in refused.items())
             raise ConfigError(
-                f"{path}: this log_path holds a run with different settings ({details}). "
-                f"Resuming would silently mix them: use a new log_path, or restore the original "
-                f"settings to continue that run.")
+                f"{path}: this log_path holds a run with different settings:\n{table}\n"
+                f"Resuming would silently mix them: restore the saved values, use a new "
+                f"log_path, or, to change them on purpose from here on, rerun with "
+                f"resume_overrides=[{','.join(refused)}].")
+        if changed:
+            history = list(recorded.get("history", []))
+            history += [{"field": k, "from": old, "to": new, "from_step": resume_step,
+                         "time": time.time()} for k, (old, new) in changed.items()]
+            _write_run_file(path, {**recorded, **{k: new for k, (_, new) in changed.items()},
+                                   "history": history})
         return
     Path(log_path).mkdir(parents=True, exist_ok=True)
+    _write_run_file(path, {**identity, "created_at": time.time()})
+
+
+def _write_run_file(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**identity, "created_at": time.time()}, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 

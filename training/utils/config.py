@@ -103,6 +103,10 @@ class TrainConfig:
     stops after max_non_finite_steps such steps in a row."""
     max_non_finite_steps: int = 3
     """With non_finite_policy=skip: consecutive non-finite steps before the run stops."""
+    resume_overrides: list[str] = field(default_factory=list)
+    """Fields a rerun may change on purpose (e.g. [max_steps,learning_rate] to extend a run or
+    lower its learning rate); any other change to a field that shapes the training trajectory
+    is refused on resume. run.json keeps the history of allowed changes."""
     dcp_save_interval: int = 0
     """Save a resumable STATE checkpoint every N steps; 0 = off (then an interrupted run
     restarts from scratch)."""
@@ -220,6 +224,15 @@ def validate_common(config: Any) -> None:
 NON_FINITE_POLICIES = ("error", "skip")
 """Values of ``non_finite_policy``."""
 
+TRAJECTORY_FIELDS = (
+    "learning_rate", "lr_schedule", "warmup_steps", "adam_beta1", "adam_beta2", "adam_eps",
+    "weight_decay", "grad_clip_norm", "epochs", "max_steps", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "non_finite_policy", "max_non_finite_steps",
+)
+"""Fields of every recipe that change the training trajectory: part of a run's identity, so a
+rerun that changes one is refused unless it is named in ``resume_overrides`` (recipes add their
+own: loss settings, data, sequence length, ...)."""
+
 _RANGES: dict[str, tuple[str, Any]] = {
     # field: (rule, what the message says)
     "learning_rate": ("positive", "> 0"),
@@ -273,6 +286,12 @@ def check_field_types(config: Any, prefix: str = "") -> None:
             check_field_types(value, prefix=f"{name}.")
             continue
         hint = hints.get(f.name)
+        origin = typing.get_origin(hint)
+        if origin in (list, tuple, dict, set):  # a container: its own type, items unchecked
+            if not isinstance(value, origin):
+                raise ConfigError(f"{name} must be a {origin.__name__}, got "
+                                  f"{type(value).__name__} {value!r}")
+            continue
         args = typing.get_args(hint)
         optional = type(None) in args
         allowed = [a for a in args if a is not type(None)] if args else [hint]

@@ -45,6 +45,7 @@ from training.utils.checkpoints import (
     record_run_fields,
 )
 from training.utils.config import (
+    TRAJECTORY_FIELDS,
     ConfigError,
     TrainConfig,
     apply_infra,
@@ -182,8 +183,14 @@ class ResumableRun:
             check_run_identity(self.log_path, {
                 "recipe": self.recipe, "base_model": config.base_model, "seed": config.seed,
                 "batch_size": config.batch_size, "storage_root": self.store.root_url,
-                "lora_rank": config.lora_rank, **self._identity,
-            }, resuming=resume_row is not None)
+                "lora_rank": config.lora_rank,
+                "mixed_precision": config.infra.mixed_precision,
+                **{name: getattr(config, name) for name in TRAJECTORY_FIELDS
+                   if hasattr(config, name)},
+                **self._identity,
+            }, resuming=resume_row is not None,
+                overrides=getattr(config, "resume_overrides", ()),
+                resume_step=resume_row["step"] if resume_row else None)
         except BaseException:
             self._let_go()
             raise
