@@ -22,7 +22,7 @@ def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
-    from training.sdk.distributed import RankLostError
+    from training.sdk.distributed import RankLostError, shutdown
 
     ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
 
@@ -37,6 +37,7 @@ def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             main(config)
+            shutdown()  # leave the process group cleanly (torchrun): see its docstring
         except RankLostError as e:
             # Print now: torchrun stops this process within moments, often before a traceback
             # would be formatted.

@@ -55,9 +55,11 @@ def _chats(n: int = 24) -> list[dict]:
 
 
 def _config(base: Path, **overrides) -> Config:
+    # The saved run stopped at step 4 of these 8 (it ran with max_steps=4): resuming extends it.
     fields = dict(log_path=str(base / "run"), base_model=TEST_MODEL,
                   dataset=str(base / "chats.jsonl"), batch_size=4, epochs=2, max_steps=8,
                   dcp_save_interval=2, learning_rate=1e-3, seed=3,
+                  resume_overrides=["max_steps"],
                   infra=InfraConfig(storage_root=str(base / "store"), num_threads=1,
                                     mixed_precision="no"))
     fields.update(overrides)
@@ -223,9 +225,10 @@ def test_init_from_checkpoint_together_with_an_existing_run(intact: Path):
 
 
 def test_mismatched_base_model_on_resume(intact: Path):
-    with pytest.raises(ConfigError, match=r"run.json: this log_path holds a run with different "
-                                          r"settings \(base_model: was 'homefire/tiny-qwen3-test',"
-                                          r" now 'homefire/tiny-qwen3'.*use a new log_path"):
+    with pytest.raises(ConfigError, match=r"(?s)run.json: this log_path holds a run with "
+                                          r"different settings:\n  base_model +saved "
+                                          r"'homefire/tiny-qwen3-test' +new "
+                                          r"'homefire/tiny-qwen3'.*use a new log_path"):
         main(_config(intact, base_model="homefire/tiny-qwen3"))
 
 

@@ -61,7 +61,7 @@ def test_run_identity_is_recorded_then_enforced(tmp_path):
     check_run_identity(tmp_path, {"base_model": "a", "seed": 1}, resuming=False)
     assert read_run_identity(tmp_path)["base_model"] == "a"
     check_run_identity(tmp_path, {"base_model": "a", "seed": 1}, resuming=True)
-    with pytest.raises(ConfigError, match="seed: was 1, now 2"):
+    with pytest.raises(ConfigError, match=r"seed +saved 1 +new 2"):
         check_run_identity(tmp_path, {"base_model": "a", "seed": 2}, resuming=True)
     # A fresh run (nothing to resume) takes over the directory.
     check_run_identity(tmp_path, {"base_model": "b", "seed": 2}, resuming=False)

@@ -212,7 +212,7 @@ def test_incomplete_checkpoints_of_the_run_are_removed_on_rerun(base, capsys):
         (path / "__0_0.distcp").write_bytes(b"partial")
     assert store.incomplete_entries(job) == [str(half_sampler), str(half_state)]
 
-    main(_config(base))
+    main(_config(base, resume_overrides=["max_steps"]))  # extends the 4-step run to 8
     assert store.incomplete_entries(job) == []
     assert not half_sampler.exists()
     assert (others / "__0_0.distcp").exists()  # never touch another job's files
@@ -317,7 +317,7 @@ def test_final_save_of_a_run_resumed_at_its_end_reuses_the_resume_state(base):
     job = rows[0]["source_job_id"]
     meta_before = Path(store.state_dir(job, "step-4"), "meta.json").read_bytes()
 
-    result = main(_config(base, max_steps=4))
+    result = main(_config(base, max_steps=4, resume_overrides=["max_steps"]))
     final = result.final_checkpoint
     assert (final["step"], final["state_path"]) == (4, f"cross_job://{job}/step-4")
     assert final["sampler_path"].startswith("step-4-")

@@ -89,6 +89,21 @@ def init_from_env(device: torch.device) -> World:
     return world()
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done (a no-op for one process).
+
+    A process that exits with its gloo group alive can abort at interpreter shutdown ("terminate
+    called without an active exception", SIGABRT): gloo's worker threads outlive the
+    interpreter. Call it after the last collective, on success only (a rank that failed must
+    not wait in a barrier for the others).
+    """
+    global _checkpoint_group
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        _checkpoint_group = None
+
+
 _checkpoint_group: Any = None
 
 

@@ -194,14 +194,15 @@ class CheckpointLog:
 
 def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any],
                        resuming: bool, overrides: Sequence[str] = (),
-                       resume_step: int | None = None) -> None:
+                       ) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume a run whose settings changed; record the identity of a new run.
 
     ``identity`` holds what a resumed run must share with the original (base model, dataset
-    fingerprint, batch size, learning rate, ...). A field named in ``overrides`` may change: the
-    new value becomes the run's, and ``run.json`` keeps the change in its ``history`` (with the
-    step it applies from). A fresh run (nothing to resume) overwrites ``run.json``. Fields the
-    recorded identity lacks (a run.json of an older version) are not compared.
+    fingerprint, batch size, learning rate, ...). A field named in ``overrides`` may change:
+    the changes are returned (field -> (saved, new)) for :func:`record_identity_changes` to
+    write once the resumed run has started, so a run that fails before that changes nothing.
+    A fresh run (nothing to resume) overwrites ``run.json``. Fields the recorded identity lacks
+    (a run.json of an older version) are not compared.
 
     Raises:
         ConfigError: a changed field not in ``overrides``, shown as a table of field, saved
@@ -226,15 +227,23 @@ def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any
                 f"Resuming would silently mix them: restore the saved values, use a new "
                 f"log_path, or, to change them on purpose from here on, rerun with "
                 f"resume_overrides=[{','.join(refused)}].")
-        if changed:
-            history = list(recorded.get("history", []))
-            history += [{"field": k, "from": old, "to": new, "from_step": resume_step,
-                         "time": time.time()} for k, (old, new) in changed.items()]
-            _write_run_file(path, {**recorded, **{k: new for k, (_, new) in changed.items()},
-                                   "history": history})
-        return
+        return changed
     Path(log_path).mkdir(parents=True, exist_ok=True)
     _write_run_file(path, {**identity, "created_at": time.time()})
+    return {}
+
+
+def record_identity_changes(log_path: str | os.PathLike[str],
+                            changes: dict[str, tuple[Any, Any]], from_step: int) -> None:
+    """Make the allowed changes of :func:`check_run_identity` the run's identity, and append
+    them to ``run.json``'s ``history`` (field, from, to, from_step, time)."""
+    path = Path(log_path) / RUN_FILE
+    recorded = json.loads(path.read_text())
+    history = [*recorded.get("history", []),
+               *({"field": k, "from": old, "to": new, "from_step": from_step,
+                  "time": time.time()} for k, (old, new) in changes.items())]
+    _write_run_file(path, {**recorded, **{k: new for k, (_, new) in changes.items()},
+                           "history": history})
 
 
 def _write_run_file(path: Path, payload: dict[str, Any]) -> None:

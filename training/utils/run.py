@@ -42,6 +42,7 @@ from training.utils.checkpoints import (
     check_run_identity,
     promote_from_log,
     read_run_identity,
+    record_identity_changes,
     record_run_fields,
 )
 from training.utils.config import (
@@ -152,8 +153,8 @@ class ResumableRun:
         self.world = distributed.init_from_env(resolve_device(config.infra.device))
         self._lock: RunLock | None = None
         self._previous_sigterm: Any = None
-        self.resume_row, self._earlier_job_id, self._complete_row = distributed.on_main(
-            self._claim_log_path)
+        (self.resume_row, self._earlier_job_id, self._complete_row,
+         self._identity_changes) = distributed.on_main(self._claim_log_path)
         self.service: ServiceClient | None = None
         self.client: TrainingClient | None = None
         self.checkpoints: TrainingCheckpoints | None = None
@@ -163,7 +164,7 @@ class ResumableRun:
         self._non_finite_in_a_row = 0
 
     def _claim_log_path(self) -> tuple[dict[str, Any] | None, str | None,
-                                       dict[str, Any] | None]:
+                                       dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
         """Lock log_path, find the resume point (and the final row of a complete run) and
         check the run identity (rank 0: other ranks never read log_path)."""
         config = self.config
@@ -180,7 +181,7 @@ class ResumableRun:
                     f"new log_path, or drop init_from_checkpoint to resume this one.")
             # Read before check_run_identity rewrites run.json for a fresh start.
             earlier_job_id = read_run_identity(self.log_path).get("job_id")
-            check_run_identity(self.log_path, {
+            identity_changes = check_run_identity(self.log_path, {
                 "recipe": self.recipe, "base_model": config.base_model, "seed": config.seed,
                 "batch_size": config.batch_size, "storage_root": self.store.root_url,
                 "lora_rank": config.lora_rank,
@@ -189,15 +190,14 @@ class ResumableRun:
                    if hasattr(config, name)},
                 **self._identity,
             }, resuming=resume_row is not None,
-                overrides=getattr(config, "resume_overrides", ()),
-                resume_step=resume_row["step"] if resume_row else None)
+                overrides=getattr(config, "resume_overrides", ()))
         except BaseException:
             self._let_go()
             raise
         complete_row = None
         if resume_row is not None and resume_row["step"] >= self.total_steps:
             complete_row = self.checkpoint_log.latest_promotable(resume_row["step"])
-        return resume_row, earlier_job_id, complete_row
+        return resume_row, earlier_job_id, complete_row, identity_changes
 
     def _explain_sigterm(self) -> None:
         """On SIGTERM (torchrun stopping the other ranks after one failed, a scheduler's
@@ -302,6 +302,12 @@ class ResumableRun:
             start = self.checkpoints.resume(self.resume_row)
             where = (f"resuming from {self.resume_row['name']} (step {start.step}, "
                      f"{start.data_consumed} examples consumed)")
+            if self._identity_changes:  # resume_overrides: the run now goes on with them
+                changes = self._identity_changes
+                distributed.on_main(lambda: record_identity_changes(self.log_path, changes,
+                                                                    start.step))
+                where += "; changed " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                  for k, (old, new) in changes.items())
         elif config.init_from_checkpoint:
             start = self.checkpoints.init_from(config.init_from_checkpoint)
             where = f"initialized from {config.init_from_checkpoint}"
