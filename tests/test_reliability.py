@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -152,3 +153,82 @@ def test_resume_overrides_extend_a_run_and_keep_the_history(tmp_path, tiny_model
     # A third run with the extended settings resumes as the same run: nothing to refuse.
     again = main(_config(tmp_path, max_steps=8, learning_rate=5e-4))
     assert again.already_complete
+
+
+# ---------------------------------------------------------------- bad inputs, clear errors
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"init_from_checkpoint": "../../etc:step-1"}, r"init_from_checkpoint='../../etc:step-1'.*"
+                                                    r"invalid job id '../../etc'"),
+    ({"init_from_checkpoint": "job:../x"}, r"invalid checkpoint name '../x'"),
+    ({"infra": InfraConfig(num_threads=0)}, "infra.num_threads must be >= 1"),
+    ({"infra": InfraConfig(device="gpu")}, r"infra.device='gpu': expected 'auto', 'cpu'"),
+])
+def test_bad_settings_are_named_before_anything_runs(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        main(_config(tmp_path, **overrides))
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without "
+                                                      "CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="infra.device='cuda' but this machine has no usable "
+                                          "CUDA GPU"):
+        main(_config(tmp_path, infra=InfraConfig(device="cuda")))
+
+
+def test_a_log_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"log_path='.*run' is a file"):
+        main(_config(tmp_path))
+
+
+def test_damaged_run_files_and_records_are_named(tmp_path, tiny_model_dir):
+    from training.sdk.store import CheckpointStore, JobNotFoundError, StoreError
+
+    result = main(_config(tmp_path, max_steps=4))
+    log = Path(result.log_path)
+    run_json = log / "run.json"
+    good = run_json.read_text()
+    run_json.write_text(good[: len(good) // 2])  # truncated
+    with pytest.raises(ConfigError, match=r"run.json is damaged .*Restore it, or delete it"):
+        main(_config(tmp_path, max_steps=4))
+    run_json.write_text(good)
+    rows = checkpoint_rows(log)
+    job = rows[0]["source_job_id"]
+    store = CheckpointStore(str(tmp_path / "store"))
+    meta = Path(store.state_dir(job, "step-2")) / "meta.json"
+    meta_text = meta.read_text()
+    meta.write_text("[1, 2, 3]")
+    with pytest.raises(StoreError, match=r"step-2/meta.json is not a checkpoint record"):
+        store.get_state(job, "step-2")
+    meta.write_text(meta_text)
+    job_json = Path(store.job_dir(job)) / "job.json"
+    job_text = job_json.read_text()
+    job_json.unlink()
+    with pytest.raises(JobNotFoundError, match=rf"trainer job '{job}' has a directory .* but no "
+                                               r"job.json"):
+        store.get_job(job)
+    job_json.write_text(job_text)
+    # checkpoints.jsonl lost while run.json names a job with committed states: said, not reset.
+    (log / "checkpoints.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"checkpoints.jsonl is missing or has no resumable "
+                                          r"row, but .*run.json records trainer job .*step-2"):
+        main(_config(tmp_path, max_steps=4))
+
+
+def test_tool_call_arguments_that_are_not_json_are_refused(tmp_path):
+    from training.utils.data import DatasetError
+
+    bad = {"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather",
+                                              "arguments": "{city: Paris"}}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."}]}
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DatasetError, match=r"tools.jsonl:1: .*function.arguments is not valid "
+                                           r"JSON"):
+        main(_config(tmp_path, dataset=str(data)))

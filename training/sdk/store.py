@@ -301,12 +301,25 @@ class CheckpointStore:
         return job
 
     def get_job(self, job_id: str) -> JobRecord:
-        payload = self._read_json(self._join("jobs", job_id, "job.json"))
+        validate_name(job_id, "job id")
+        path = self._join("jobs", job_id, "job.json")
+        payload = self._read_json(path)
         if payload is None:
+            if self.fs.exists(self.job_dir(job_id)):
+                raise JobNotFoundError(
+                    f"trainer job {job_id!r} has a directory in {self.root_url} but no "
+                    f"job.json (its record was deleted or never finished writing): its "
+                    f"checkpoints cannot be used without it; restore job.json or use another "
+                    f"job")
+            known = [j for j in self.list_jobs() if j != job_id][:10]
             raise JobNotFoundError(f"no trainer job {job_id!r} in the store {self.root_url} "
-                                   f"(known jobs: {', '.join(self.list_jobs()[:10]) or 'none'}); "
+                                   f"(known jobs: {', '.join(known) or 'none'}); "
                                    f"check the job id or InfraConfig.storage_root")
-        return JobRecord(**payload)
+        try:
+            return JobRecord(**payload)
+        except TypeError as e:
+            raise StoreError(f"{self.url(path)} is not a trainer job record ({e}); restore it "
+                             f"or delete the job's directory") from None
 
     def list_jobs(self) -> list[str]:
         base = self._join("jobs")
@@ -368,8 +381,17 @@ class CheckpointStore:
         self._write_json(f"{entry_dir}/{META_FILE}", asdict(meta))
 
     def read_meta(self, entry_dir: str) -> EntryMeta | None:
-        payload = self._read_json(f"{entry_dir}/{META_FILE}")
-        return EntryMeta(**payload) if payload is not None else None
+        path = f"{entry_dir}/{META_FILE}"
+        payload = self._read_json(path)
+        if payload is None:
+            return None
+        try:
+            if not isinstance(payload, dict):
+                raise TypeError(f"a JSON {type(payload).__name__}, not an object")
+            return EntryMeta(**payload)
+        except TypeError as e:
+            raise StoreError(f"{self.url(path)} is not a checkpoint record ({e}); the entry is "
+                             f"damaged: delete its directory to drop it") from None
 
     def delete(self, entry_dir: str) -> None:
         """Unpublish first (meta.json), then remove the files: never a half-visible entry."""

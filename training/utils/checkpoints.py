@@ -214,7 +214,7 @@ def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any
         raise ConfigError(f"resume_overrides names {unknown}, which are not settings of this "
                           f"run's identity (those are: {', '.join(sorted(identity))})")
     if resuming and path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = read_run_identity(log_path)
         changed = {k: (recorded.get(k), v) for k, v in identity.items()
                    if k in recorded and recorded[k] != v}
         refused = {k: change for k, change in changed.items() if k not in overrides}
@@ -238,7 +238,7 @@ def record_identity_changes(log_path: str | os.PathLike[str],
     """Make the allowed changes of :func:`check_run_identity` the run's identity, and append
     them to ``run.json``'s ``history`` (field, from, to, from_step, time)."""
     path = Path(log_path) / RUN_FILE
-    recorded = json.loads(path.read_text())
+    recorded = read_run_identity(log_path)
     history = [*recorded.get("history", []),
                *({"field": k, "from": old, "to": new, "from_step": from_step,
                   "time": time.time()} for k, (old, new) in changes.items())]
@@ -253,8 +253,23 @@ def _write_run_file(path: Path, payload: dict[str, Any]) -> None:
 
 
 def read_run_identity(log_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``run.json`` of ``log_path`` ({} if there is none).
+
+    Raises:
+        ConfigError: it is not a JSON object (truncated or edited).
+    """
     path = Path(log_path) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        recorded = e
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{path} is damaged ({recorded}): it records the run's settings and "
+                          f"trainer job. Restore it, or delete it to resume without the "
+                          f"settings check (a fresh run writes a new one)")
+    return recorded
 
 
 def record_run_fields(log_path: str | os.PathLike[str], **values: Any) -> None:

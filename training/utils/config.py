@@ -208,9 +208,23 @@ def validate_common(config: Any) -> None:
             raise ConfigError(f"lr_schedule={schedule!r}: expected one of "
                               f"{', '.join(LR_SCHEDULES)}")
     init = getattr(config, "init_from_checkpoint", None)
-    if init is not None and (":" not in init or init.startswith(":") or init.endswith(":")):
-        raise ConfigError(f"init_from_checkpoint={init!r}: expected 'job_id:checkpoint_name' "
-                          f"(e.g. 'i44pvd4syzg8hjfk:step-4')")
+    if init is not None:
+        from training.sdk.store import validate_name
+
+        job, _, name = init.partition(":")
+        try:
+            validate_name(job, "job id")
+            validate_name(name)
+        except ValueError as e:
+            raise ConfigError(f"init_from_checkpoint={init!r}: expected 'job_id:checkpoint_name' "
+                              f"(e.g. 'i44pvd4syzg8hjfk:step-4'): {e}") from None
+    log_path = getattr(config, "log_path", None)
+    if log_path and os.path.exists(log_path) and not os.path.isdir(log_path):
+        raise ConfigError(f"log_path={log_path!r} is a file; log_path is a directory (for "
+                          f"checkpoints.jsonl, metrics.jsonl and run.json): choose another path")
+    infra = getattr(config, "infra", None)
+    if infra is not None:
+        _check_infra(infra)
     output_model_id = getattr(config, "output_model_id", None)
     if output_model_id is not None:
         from training.sdk.registry import validate_output_model_id
@@ -219,6 +233,19 @@ def validate_common(config: Any) -> None:
         if problems:
             raise ConfigError(f"output_model_id={output_model_id!r} is invalid: "
                               f"{'; '.join(problems)}")
+
+
+def _check_infra(infra: Any) -> None:
+    if infra.num_threads is not None and infra.num_threads < 1:
+        raise ConfigError(f"infra.num_threads must be >= 1 (or null for torch's default), got "
+                          f"{infra.num_threads}")
+    device = str(infra.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"infra.device={device!r} but this machine has no usable CUDA GPU "
+                          f"(torch.cuda.is_available() is False); use 'auto' or 'cpu'")
+    if device not in ("auto", "cpu") and not device.startswith(("cuda", "mps", "xpu")):
+        raise ConfigError(f"infra.device={device!r}: expected 'auto', 'cpu', 'cuda' or "
+                          f"'cuda:N'")
 
 
 NON_FINITE_POLICIES = ("error", "skip")

@@ -413,6 +413,15 @@ def _validate_tool_call(call: Any, path: str, where: str) -> None:
     if not isinstance(arguments, (str, dict)):
         shown = "missing" if arguments is None else _show(arguments)
         raise fail(f".function.arguments is {shown}; expected a JSON string or an object")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise fail(f".function.arguments is not valid JSON ({e}): {_show(arguments)}; "
+                       f"expected a JSON object such as '{{\"city\": \"Paris\"}}'") from None
+        if not isinstance(parsed, dict):
+            raise fail(f".function.arguments is JSON {type(parsed).__name__}, not an object: "
+                       f"{_show(arguments)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 
 from training.faults import fault_point
 from training.sdk import AdamParams, JobNotFoundError, ServiceClient, distributed
-from training.sdk.store import CheckpointStore, parse_checkpoint_ref
+from training.sdk.store import CheckpointStore, StoreError, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient, resolve_device
 from training.utils.checkpoints import (
     CheckpointKind,
@@ -181,6 +181,8 @@ class ResumableRun:
                     f"new log_path, or drop init_from_checkpoint to resume this one.")
             # Read before check_run_identity rewrites run.json for a fresh start.
             earlier_job_id = read_run_identity(self.log_path).get("job_id")
+            if resume_row is None and earlier_job_id and not config.init_from_checkpoint:
+                self._refuse_lost_log(earlier_job_id)
             identity_changes = check_run_identity(self.log_path, {
                 "recipe": self.recipe, "base_model": config.base_model, "seed": config.seed,
                 "batch_size": config.batch_size, "storage_root": self.store.root_url,
@@ -198,6 +200,25 @@ class ResumableRun:
         if resume_row is not None and resume_row["step"] >= self.total_steps:
             complete_row = self.checkpoint_log.latest_promotable(resume_row["step"])
         return resume_row, earlier_job_id, complete_row, identity_changes
+
+    def _refuse_lost_log(self, job_id: str) -> None:
+        """A log_path with no resumable row whose run.json names a job with committed train
+        states lost its checkpoints.jsonl: starting over would silently drop them.
+
+        One committed state is not enough to tell: a crash between a save's commit and its row's
+        append leaves exactly one (at most one save is in flight), and that run rightly starts
+        over. Two or more mean rows were written and then lost."""
+        try:
+            states = [m.name for m in self.store.list_states(job_id)]
+        except StoreError:
+            return  # the job is gone from this store: nothing to lose
+        if len(states) >= 2:
+            raise ConfigError(
+                f"{self.checkpoint_log.path} is missing or has no resumable row, but "
+                f"{self.log_path / 'run.json'} records trainer job {job_id!r}, which has "
+                f"committed train states ({', '.join(states[-5:])}). Restore checkpoints.jsonl "
+                f"to resume (a row per state: name, step, data_consumed, state_path), or start "
+                f"over: use a new log_path, or delete run.json")
 
     def _explain_sigterm(self) -> None:
         """On SIGTERM (torchrun stopping the other ranks after one failed, a scheduler's
