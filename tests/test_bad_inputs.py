@@ -319,18 +319,42 @@ def test_corrupt_checkpoints_jsonl_line(saved: Path, tmp_path: Path):
     assert jsonl.read_bytes() == before
 
 
-def test_corrupt_dcp_shard(saved: Path, tmp_path: Path, capsys):
-    """The resume checkpoint's shard is damaged: the error names it and the earlier checkpoint
-    to fall back to, changes nothing, and following its advice resumes."""
-    base = tmp_path
+def _copy_saved(saved: Path, base: Path) -> str:
     shutil.copytree(saved / "run", base / "run")
     shutil.copytree(saved / "store", base / "store")
     shutil.copy(saved / "chats.jsonl", base / "chats.jsonl")
     run_json = base / "run" / "run.json"
     run_json.write_text(run_json.read_text().replace(str(saved / "store"), str(base / "store")))
+    return _job(saved)
+
+
+def test_corrupt_dcp_shard_falls_back_to_the_previous_checkpoint(saved: Path, tmp_path: Path,
+                                                                 caplog):
+    """The resume checkpoint's shard is damaged: its checksum says so, it is never loaded, and
+    the run resumes from the checkpoint before it, marking the damaged one."""
+    base = tmp_path
+    job = _copy_saved(saved, base)
     store = CheckpointStore(str(base / "store"))
-    job = _job(saved)
     shard = next(Path(store.state_dir(job, "step-4")).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        result = main(_config(base))
+    assert "step-4: file" in caplog.text and "falling back to step-2 (step 2)" in caplog.text
+    assert result.steps == 8
+    rows = [json.loads(line) for line in (base / "run" / "checkpoints.jsonl").open()]
+    assert [r["step"] for r in rows if r.get("state_corrupt")] == [4]
+
+
+def test_corrupt_shard_of_a_state_without_checksums(saved: Path, tmp_path: Path, capsys):
+    """A state saved before checksums existed: the load error names the checkpoint and the one
+    to fall back to, changes nothing, and following its advice resumes."""
+    base = tmp_path
+    job = _copy_saved(saved, base)
+    store = CheckpointStore(str(base / "store"))
+    state = Path(store.state_dir(job, "step-4"))
+    for checksums in state.glob("checksums.rank*.json"):
+        checksums.unlink()
+    shard = next(state.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     jsonl = base / "run" / "checkpoints.jsonl"
     before = jsonl.read_bytes()

@@ -232,3 +232,42 @@ def test_tool_call_arguments_that_are_not_json_are_refused(tmp_path):
     with pytest.raises(DatasetError, match=r"tools.jsonl:1: .*function.arguments is not valid "
                                            r"JSON"):
         main(_config(tmp_path, dataset=str(data)))
+
+
+# ---------------------------------------------------------------- verified train states
+def test_a_silently_corrupted_state_is_never_trained_on(tmp_path, tiny_model_dir, caplog):
+    from training.sdk import ServiceClient
+    from training.sdk.store import CheckpointStore
+    from training.sdk.training_client import StateCorruptError
+
+    from .conftest import final_sampler_weights
+
+    reference = main(_config(tmp_path, "reference", max_steps=8, dcp_save_interval=2))
+    config = _config(tmp_path, "damaged", max_steps=8, dcp_save_interval=2)
+    main(config)
+    log = Path(config.log_path)
+    rows = checkpoint_rows(log)
+    # As if the run had been killed after step 6, and then 4 KiB of its step-6 state rotted.
+    (log / "checkpoints.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in rows if r["step"] <= 6))
+    job = rows[0]["source_job_id"]
+    store = CheckpointStore(str(tmp_path / "store"))
+    shard = max(Path(store.state_dir(job, "step-6")).glob("*.distcp"),
+                key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    shard.write_bytes(bytes(data))  # same size, different bytes
+    # An explicit load of the corrupt state fails naming it.
+    client = ServiceClient(str(tmp_path / "store"), device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL)
+    with pytest.raises(StateCorruptError, match=rf"train state {job}:step-6: file .* does not "
+                                                r"match the checksum"):
+        client.load_state(f"cross_job://{job}/step-6")
+    # The rerun resumes from the intact step-4 instead, and ends where an intact run ends.
+    with caplog.at_level("WARNING"):
+        resumed = main(config)
+    assert "step-6: file" in caplog.text and "falling back to step-4" in caplog.text
+    ref_w = final_sampler_weights(tmp_path, reference.log_path)
+    got_w = final_sampler_weights(tmp_path, resumed.log_path)
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)  # bitwise: never trained on it

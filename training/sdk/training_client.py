@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import math
+import os
 import pickle
 import secrets
 import threading
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+import xxhash
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -795,6 +798,7 @@ class TrainingClient(AwaitableSelf):
         if not self.async_saves or (self.world.distributed and not self.store.is_local):
             try:
                 _dcp_call(dcp.save, state, local, what)
+                write_state_checksums(local, self.world.rank)
                 self.store.close_entry(entry_dir, local)
             except BaseException:
                 self.store.abort_entry(entry_dir, local)
@@ -816,6 +820,7 @@ class TrainingClient(AwaitableSelf):
                 finally:
                     staged.set()
                 _dcp_call(dcp.save, copy, local, what, process_group)
+                write_state_checksums(local, self.world.rank)
                 self.store.close_entry(entry_dir, local)
                 if self.world.is_main:  # rank 0's save ends after every rank's shards
                     self.store.commit(entry_dir, meta)
@@ -920,6 +925,7 @@ class TrainingClient(AwaitableSelf):
         if restore_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self._ensure_optimizer())
         with self.store.local_copy(self.store.state_dir(job_id, name)) as local:
+            verify_state_checksums(local, f"train state {job_id}:{name}")
             _dcp_call(dcp.load, state, local, f"loading train state {job_id}:{name}")
         # A LoRA state holds exactly the adapter (DCP refuses a checkpoint that lacks any of it),
         # so non-strict only skips the frozen base weights.
@@ -1257,6 +1263,61 @@ def _layout_of(tree: Any) -> Any:
     if isinstance(tree, torch.Tensor):
         return (tuple(tree.shape), tree.dtype, type(tree).__name__)
     return type(tree).__name__
+
+
+STATE_CHECKSUMS = "checksums.rank{rank}.json"
+"""Per rank, the XXH3-128 of every file that rank wrote into a train state (DCP names them
+``__<rank>_<n>.distcp``; rank 0 also writes ``.metadata``)."""
+
+
+class StateCorruptError(StoreError):
+    """A train state's file does not match the checksum taken when it was saved (or is
+    missing): it is never loaded."""
+
+
+def _file_xxh3(path: str) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_state_checksums(directory: str, rank: int) -> None:
+    """Record the checksum of each file ``rank`` wrote into the train state ``directory``
+    (before the entry is closed and committed: a checksum file is part of the entry)."""
+    mine = sorted(f for f in os.listdir(directory)
+                  if f.startswith(f"__{rank}_") or (rank == 0 and f == ".metadata"))
+    payload = {"algorithm": "xxh3_128", "files": {f: _file_xxh3(os.path.join(directory, f))
+                                                  for f in mine}}
+    with open(os.path.join(directory, STATE_CHECKSUMS.format(rank=rank)), "w") as out:
+        json.dump(payload, out, indent=1, sort_keys=True)
+
+
+def verify_state_checksums(directory: str, what: str) -> None:
+    """Check every file a train state's checksum files list.
+
+    A state saved before checksums existed (no checksum file) is loaded unchecked.
+
+    Raises:
+        StateCorruptError: a listed file is missing or its bytes changed since the save.
+    """
+    for name in sorted(os.listdir(directory)):
+        if not (name.startswith("checksums.rank") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                listed = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateCorruptError(f"{what}: its checksum file {name} is unreadable ({e})") \
+                from None
+        for file, expected in listed.items():
+            path = os.path.join(directory, file)
+            if not os.path.exists(path):
+                raise StateCorruptError(f"{what}: file {file} is missing (listed in {name})")
+            if _file_xxh3(path) != expected:
+                raise StateCorruptError(f"{what}: file {file} does not match the checksum "
+                                        f"taken when it was saved: the checkpoint is corrupt")
 
 
 def _first_line(error: BaseException) -> str:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from training.faults import fault_point
+from training.sdk import distributed
 from training.sdk.store import CheckpointStore, StoreError, parse_checkpoint_ref
-from training.sdk.training_client import TrainingClient
+from training.sdk.training_client import StateCorruptError, TrainingClient
 from training.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,9 @@ class CheckpointLog:
         os.replace(tmp, self.path)
 
     def last_resumable(self) -> dict[str, Any] | None:
-        """The last row with a ``state_path``, or None."""
+        """The last row with a ``state_path`` not marked ``state_corrupt``, or None."""
         for row in reversed(self.rows()):
-            if row.get("state_path"):
+            if row.get("state_path") and not row.get("state_corrupt"):
                 return row
         return None
 
@@ -405,6 +406,15 @@ class TrainingCheckpoints:
             return None
         try:
             loaded = self.client.load_state_with_optimizer(row["state_path"]).result()
+        except StateCorruptError as e:
+            # Never trained on: fall back to the newest intact checkpoint before it.
+            earlier = [r for r in self.log.rows() if r.get("state_path")
+                       and not r.get("state_corrupt") and r["step"] < row["step"]]
+            logger.warning("%s; falling back to %s", e,
+                           f"{earlier[-1]['name']} (step {earlier[-1]['step']})" if earlier
+                           else "the start of the run (no earlier checkpoint)")
+            distributed.on_main(lambda: self._mark_corrupt(row))
+            return self.resume(earlier[-1]) if earlier else ResumeInfo(step=0, data_consumed=0)
         except (StoreError, OSError) as e:
             earlier = [r for r in self.log.rows() if r.get("state_path")
                        and r["step"] < row["step"]]
@@ -422,6 +432,13 @@ class TrainingCheckpoints:
         return ResumeInfo(step=int(state.get("step", row["step"])),
                           data_consumed=int(state.get("data_consumed", row["data_consumed"])),
                           row=row, user_state=state.get("recipe", {}))
+
+    def _mark_corrupt(self, row: dict[str, Any]) -> None:
+        """Keep the row (its sampler snapshot may be fine) but never resume from it again."""
+        rows = self.log.rows()
+        self.log.rewrite([{**r, "state_corrupt": True}
+                          if r.get("name") == row.get("name") and r.get("step") == row.get("step")
+                          else r for r in rows])
 
     def apply_retention(self, keep_last_n: int | None,
                         protected: set[str] | frozenset[str] = frozenset()) -> list[str]:
