@@ -134,7 +134,8 @@ def test_two_ranks_save_sharded_states_to_s3_and_resume_on_one(tmp_path, s3_endp
     store = CheckpointStore(root)
     state_dir = store.state_dir(row["source_job_id"], row["name"])
     assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(state_dir)) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "checksums.rank0.json",
+        "checksums.rank1.json", "meta.json"]  # each rank uploaded its shard and its checksums
     rerun = subprocess.run([sys.executable, "-m", "recipes.sft_loop", *args], cwd=REPO,
                            capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -211,7 +211,8 @@ def test_corrupt_state_is_a_clear_error(make_client, store_root):
     shard = next(p for p in client.store.fs.ls(state_dir, detail=False) if p.endswith(".distcp"))
     with open(shard, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(StoreError, match=f"{client.job_id}:step-0.*corrupt or incomplete"):
+    with pytest.raises(StoreError, match=f"{client.job_id}:step-0: file .*distcp does not match "
+                                         f"the checksum .* the checkpoint is corrupt"):
         client.load_state("step-0").result()
 
 
