@@ -118,6 +118,43 @@ def measure_stall(args: argparse.Namespace, store: Path, rounds: int = 3) -> dic
             for mode in ("sync", "async")}
 
 
+def measure_checksums(args: argparse.Namespace, store: Path, repeats: int = 5) -> dict:
+    """What train-state checksums cost: taking them on save (``write_state_checksums``) and
+    checking them on load (``verify_state_checksums``), each over a synchronous save and a
+    load of the same state (medians of ``repeats``; the state's files are in the page cache,
+    as right after a save)."""
+    import statistics
+
+    import torch
+
+    from training.sdk import AdamParams, Datum, ModelInput, ServiceClient
+    from training.sdk.training_client import verify_state_checksums, write_state_checksums
+
+    torch.set_num_threads(args.threads)
+    client = ServiceClient(str(store)).create_training_client(args.model)
+    tokens = list(range(10, 267))
+    client.forward_backward([Datum(model_input=ModelInput.from_ints(tokens[:-1]),
+                                   loss_fn_inputs={"target_tokens": tokens[1:]})]).result()
+    client.optim_step(AdamParams(learning_rate=1e-4)).result()  # the state holds Adam moments
+    times: dict[str, list[float]] = {"save": [], "take": [], "load": [], "verify": []}
+    for i in range(repeats):
+        t = time.perf_counter()
+        client.save_state(f"bench-{i}").result()
+        times["save"].append(time.perf_counter() - t)
+        directory = client.store.state_dir(client.job_id, f"bench-{i}")
+        t = time.perf_counter()
+        write_state_checksums(directory, 0)
+        times["take"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        verify_state_checksums(directory, "bench")
+        times["verify"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        client.load_state_with_optimizer(f"bench-{i}").result()
+        times["load"].append(time.perf_counter() - t)
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    return {"bytes": size, **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def _rows(log_path: Path) -> list[dict]:
     return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
 
@@ -131,6 +168,8 @@ def main() -> None:
                         help="alternating runs of each recipe-level configuration")
     parser.add_argument("--interval", type=int, default=5,
                         help="dcp_save_interval of the sync/async comparison")
+    parser.add_argument("--only-checksums", action="store_true",
+                        help="measure only what train-state checksums cost")
     parser.add_argument("--async-saves", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log-path", help=argparse.SUPPRESS)
@@ -146,7 +185,14 @@ def main() -> None:
     # Every configuration writes GBs of checkpoints: remove them, even after a failure.
     tmp = Path(tempfile.mkdtemp(prefix="homefire-ckpt-bench-"))
     try:
-        report(args, tmp)
+        if not args.only_checksums:
+            report(args, tmp)
+        c = measure_checksums(args, tmp / "checksum-store")
+        print(f"train-state checksums ({args.model}, {c['bytes'] / 2**20:.0f} MB state, medians "
+              f"of 5): taking them {c['take'] * 1000:.1f} ms = {c['take'] / c['save']:.3f} of a "
+              f"save ({c['save'] * 1000:.0f} ms, which includes them); verifying "
+              f"{c['verify'] * 1000:.1f} ms = {c['verify'] / c['load']:.3f} of a load "
+              f"({c['load'] * 1000:.0f} ms, which includes it) (target: under 0.05)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
