@@ -271,3 +271,27 @@ def test_a_silently_corrupted_state_is_never_trained_on(tmp_path, tiny_model_dir
     ref_w = final_sampler_weights(tmp_path, reference.log_path)
     got_w = final_sampler_weights(tmp_path, resumed.log_path)
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)  # bitwise: never trained on it
+
+
+def test_metrics_rows_are_made_durable_before_each_checkpoint(tmp_path, tiny_model_dir,
+                                                             monkeypatch):
+    from training.utils.checkpoints import TrainingCheckpoints
+    from training.utils.metrics import MetricsLogger
+
+    events: list[tuple[str, int]] = []
+    sync, save = MetricsLogger.sync, TrainingCheckpoints.save
+
+    def recording_sync(self):
+        rows = self.path.read_text().splitlines()
+        events.append(("sync", json.loads(rows[-1])["step"]))
+        sync(self)
+
+    def recording_save(self, name, **kwargs):
+        events.append(("save", kwargs["step"]))
+        return save(self, name, **kwargs)
+
+    monkeypatch.setattr(MetricsLogger, "sync", recording_sync)
+    monkeypatch.setattr(TrainingCheckpoints, "save", recording_save)
+    main(_config(tmp_path, max_steps=5, dcp_save_interval=2))
+    assert events == [("sync", 2), ("save", 2), ("sync", 4), ("save", 4), ("sync", 5),
+                      ("save", 5)]

@@ -433,6 +433,10 @@ class ResumableRun:
         if bad:
             self._check_non_finite(step, bad)
         fault_point("step")  # test hook: the step is done, its checkpoint not yet saved
+        due = step >= self.total_steps or (self.config.dcp_save_interval
+                                           and step % self.config.dcp_save_interval == 0)
+        if due and self._metrics is not None:
+            self._metrics.sync()  # the rows up to a checkpoint are as durable as it is
         if step >= self.total_steps:
             self.final_row = self.checkpoints.save(f"step-{step}", step=step,
                                                    data_consumed=data_consumed,
