@@ -29,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import xxhash
+from safetensors import SafetensorError
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -1030,10 +1031,12 @@ class TrainingClient(AwaitableSelf):
                         extra.update(reference=chain.identity,
                                      delta_bytes=stats.compressed_bytes,
                                      raw_bytes=stats.raw_bytes)
-            except OSError as e:
+            except (OSError, SafetensorError) as e:
+                # safetensors reports a full disk as its own error type, not an OSError.
                 raise StoreError(f"saving sampler snapshot {snapshot_name!r} of job "
                                  f"{self.job_id} failed in {self.store.url(entry_dir)}: "
-                                 f"{e}") from e
+                                 f"{e}; nothing was saved. Free disk space or make the store "
+                                 f"writable, then save again") from e
             now = time.time()
             self.store.commit(entry_dir, EntryMeta(
                 kind="sampler", name=snapshot_name, job_id=self.job_id,

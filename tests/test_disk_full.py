@@ -1,0 +1,86 @@
+"""A full disk, for real: the store on a small tmpfs (CI runs as root; elsewhere this skips).
+
+Each save that no longer fits fails with one clear error naming the checkpoint and what to do;
+nothing is recorded for it and every earlier checkpoint still loads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from training.recipes.sft_loop import Config, main
+from training.sdk.store import StoreError
+from training.utils import InfraConfig
+
+from .conftest import TEST_MODEL, checkpoint_rows
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs of a few MB (one train state of the test model fits, a few do not)."""
+    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root (CI runs as root)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _config(tmp_path: Path, store: Path, **overrides) -> Config:
+    fields = dict(log_path=str(tmp_path / "run"), base_model=TEST_MODEL, batch_size=4,
+                  max_steps=12, dcp_save_interval=2, seed=3,
+                  infra=InfraConfig(storage_root=str(store), num_threads=1,
+                                    mixed_precision="no", async_checkpoint=False))
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def test_a_real_full_disk_stops_with_a_clear_error_and_loses_nothing(tmp_path, small_disk,
+                                                                    tiny_model_dir):
+    with pytest.raises(StoreError) as full:
+        main(_config(tmp_path, small_disk / "store"))
+    message = str(full.value)
+    assert "No space left on device" in message
+    assert "step-" in message  # the checkpoint that did not fit is named
+    rows = checkpoint_rows(tmp_path / "run")
+    assert rows, "nothing was saved before the disk filled: make the tmpfs larger"
+    # Every recorded checkpoint still loads: free space (a bigger store) and rerun resumes.
+    last = rows[-1]
+    bigger = tmp_path / "bigger-store"
+    os.system(f"cp -r {small_disk / 'store'} {bigger}")
+    run_json = tmp_path / "run" / "run.json"
+    run_json.write_text(run_json.read_text().replace(str(small_disk / "store"), str(bigger)))
+    result = main(_config(tmp_path, bigger, resume_overrides=[]))
+    assert result.steps == 12
+    assert checkpoint_rows(tmp_path / "run")[len(rows) - 1] == last
+
+
+def test_a_sampler_save_on_a_full_disk_is_a_store_error_naming_it(tmp_path, tiny_model_dir):
+    from training.sdk import ServiceClient
+
+    mount = tmp_path / "tiny-tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root (CI runs as root)")
+    try:
+        client = ServiceClient(str(mount / "store"), device="cpu", mixed_precision="no") \
+            .create_training_client(TEST_MODEL)
+        with pytest.raises(StoreError, match=r"saving sampler snapshot 'final-.*' of job .* "
+                                             r"failed in .*No space left on device"):
+            client.save_weights_for_sampler_ext("final", checkpoint_type="base")
+        assert client.store.list_samplers(client.job_id) == []  # nothing half-visible
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
