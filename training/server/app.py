@@ -132,9 +132,17 @@ def create_app(service: TrainerService, api_key: str | Sequence[str] | None = No
         return {"refresh_interval_sec": 300, "sample_cancel_enabled": False,
                 "sample_cancel_max_batch_size": 0}
 
-    @app.post(f"{api}/create_session")
-    async def create_session(request: Request) -> dict[str, Any]:
-        return service.create_session(await body_json(request), request.state.tenant)
+    # ---- endpoints whose body is a JSON object, answered by the service method of the same
+    # name for the caller's tenant
+    def json_route(method: Any) -> Any:
+        async def route(request: Request) -> Any:
+            return method(await body_json(request), request.state.tenant)
+        return route
+
+    for name in ("create_session", "create_model", "get_info", "optim_step", "save_weights",
+                 "save_weights_for_sampler", "load_weights", "weights_info",
+                 "create_sampling_session", "asample"):
+        app.post(f"{api}/{name}")(json_route(getattr(service, name)))
 
     @app.post(f"{api}/session_heartbeat")
     async def heartbeat() -> dict[str, Any]:
@@ -149,15 +157,7 @@ def create_app(service: TrainerService, api_key: str | Sequence[str] | None = No
         service.finish_session(session_id, request.state.tenant)
         return {"status": "ok"}
 
-    # ---- training
-    @app.post(f"{api}/create_model")
-    async def create_model(request: Request) -> dict[str, Any]:
-        return service.create_model(await body_json(request), request.state.tenant)
-
-    @app.post(f"{api}/get_info")
-    async def get_info(request: Request) -> dict[str, Any]:
-        return service.get_info(await body_json(request), request.state.tenant)
-
+    # ---- the protobuf one, and the ones with ids in the path
     @app.post(f"{api}/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
         if request.headers.get("content-type", "").startswith(PROTOBUF):
@@ -165,40 +165,9 @@ def create_app(service: TrainerService, api_key: str | Sequence[str] | None = No
         raise RequestError("forward_backward takes the ForwardBackwardRequest protobuf "
                            "(Content-Type: application/x-protobuf), as tinker 0.38 sends it")
 
-    @app.post(f"{api}/optim_step")
-    async def optim_step(request: Request) -> dict[str, Any]:
-        return service.optim_step(await body_json(request), request.state.tenant)
-
-    @app.post(f"{api}/save_weights")
-    async def save_weights(request: Request) -> dict[str, Any]:
-        return service.save_weights(await body_json(request), request.state.tenant)
-
-    @app.post(f"{api}/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
-        return service.save_weights_for_sampler(await body_json(request),
-                                                request.state.tenant)
-
-    @app.post(f"{api}/load_weights")
-    async def load_weights(request: Request) -> dict[str, Any]:
-        return service.load_weights(await body_json(request), request.state.tenant)
-
-    @app.post(f"{api}/weights_info")
-    async def weights_info(request: Request) -> dict[str, Any]:
-        return service.weights_info(await body_json(request), request.state.tenant)
-
-    # ---- sampling
-    @app.post(f"{api}/create_sampling_session")
-    async def create_sampling_session(request: Request) -> dict[str, Any]:
-        return service.create_sampling_session(await body_json(request),
-                                               request.state.tenant)
-
     @app.get(api + "/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str, request: Request) -> dict[str, Any]:
         return service.get_sampler(sampler_id, request.state.tenant)
-
-    @app.post(f"{api}/asample")
-    async def asample(request: Request) -> dict[str, Any]:
-        return service.asample(await body_json(request), request.state.tenant)
 
     # ---- futures
     @app.post(f"{api}/retrieve_future")

@@ -654,13 +654,8 @@ def _template_tool_call(call: dict) -> dict:
     if isinstance(arguments, str):
         # Hugging Face templates (Qwen2.5, Llama 3.1, Mistral) write arguments with `tojson`,
         # which would double-encode OpenAI's JSON string; templates that take strings also take
-        # objects. A string that is not a JSON object is left alone.
-        try:
-            parsed = json.loads(arguments)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            arguments = parsed
+        # objects. Validation made sure the string is a JSON object.
+        arguments = json.loads(arguments)
     out = {k: v for k, v in call.items() if v is not None}
     out["type"] = "function"
     out["function"] = {**{k: v for k, v in function.items() if v is not None},
