@@ -21,20 +21,31 @@ from .conftest import TEST_MODEL, checkpoint_rows
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A tmpfs of a few MB (one train state of the test model fits, a few do not)."""
-    mount = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
+def tmpfs(tmp_path: Path):
+    """``tmpfs(size)``: a directory on a tmpfs of that size, unmounted after the test."""
     if os.geteuid() != 0:
         pytest.skip("mounting a size-limited tmpfs needs root (CI runs as root)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmpfs) -> Path:
+    """A 9 MB tmpfs: one train state of the test model fits, a few do not."""
+    return tmpfs("9m")
 
 
 def _config(tmp_path: Path, store: Path, **overrides) -> Config:
@@ -66,21 +77,13 @@ def test_a_real_full_disk_stops_with_a_clear_error_and_loses_nothing(tmp_path, s
     assert checkpoint_rows(tmp_path / "run")[len(rows) - 1] == last
 
 
-def test_a_sampler_save_on_a_full_disk_is_a_store_error_naming_it(tmp_path, tiny_model_dir):
+def test_a_sampler_save_on_a_full_disk_is_a_store_error_naming_it(tmpfs, tiny_model_dir):
     from training.sdk import ServiceClient
 
-    mount = tmp_path / "tiny-tmpfs"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-            capture_output=True).returncode != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root (CI runs as root)")
-    try:
-        client = ServiceClient(str(mount / "store"), device="cpu", mixed_precision="no") \
-            .create_training_client(TEST_MODEL)
-        with pytest.raises(StoreError, match=r"saving sampler snapshot 'final-.*' of job .* "
-                                             r"failed in .*No space left on device"):
-            client.save_weights_for_sampler_ext("final", checkpoint_type="base")
-        assert client.store.list_samplers(client.job_id) == []  # nothing half-visible
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    mount = tmpfs("600k")  # the test model's sampler snapshot (1.3 MB) does not fit
+    client = ServiceClient(str(mount / "store"), device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL)
+    with pytest.raises(StoreError, match=r"saving sampler snapshot 'final-.*' of job .* "
+                                         r"failed in .*No space left on device"):
+        client.save_weights_for_sampler_ext("final", checkpoint_type="base")
+    assert client.store.list_samplers(client.job_id) == []  # nothing half-visible
