@@ -187,7 +187,7 @@ def test_read_only_store(base, reference):
     message = str(excinfo.value)
     assert "saving checkpoint 'step-6' (step 6, state)" in message
     assert "Read-only file system" in message or "Permission denied" in message
-    assert "make the store" in message and "then rerun to resume from step-4" in message
+    assert "Free disk space on the store" in message and "then rerun to resume from step-4" in message
     assert [r["step"] for r in checkpoint_rows(base / "run")] == [2, 4]
 
     main(config)

@@ -87,3 +87,32 @@ def test_a_sampler_save_on_a_full_disk_is_a_store_error_naming_it(tmpfs, tiny_mo
                                          r"failed in .*No space left on device"):
         client.save_weights_for_sampler_ext("final", checkpoint_type="base")
     assert client.store.list_samplers(client.job_id) == []  # nothing half-visible
+
+
+def test_a_read_only_log_path_is_refused_before_anything_changes(tmp_path, tmpfs,
+                                                                 tiny_model_dir):
+    from training.utils.run import LogPathError
+
+    read_only = tmpfs("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    with pytest.raises(LogPathError, match=r"cannot use log_path .*Read-only file system.*"
+                                           r"nothing was changed"):
+        main(_config(tmp_path, tmp_path / "store", log_path=str(read_only / "run")))
+    assert not (tmp_path / "store" / "jobs").exists()
+
+
+def test_a_full_log_path_stops_naming_the_file_and_the_intact_checkpoint(tmp_path, tmpfs,
+                                                                        tiny_model_dir):
+    from training.utils.run import LogPathError
+
+    log_disk = tmpfs("12k")  # a few metrics rows and checkpoint rows fit, not 60 steps' worth
+    config = _config(tmp_path, tmp_path / "store", log_path=str(log_disk / "run"),
+                     max_steps=60)
+    with pytest.raises((LogPathError, StoreError)) as full:
+        main(config)
+    message = str(full.value)
+    assert "No space left on device" in message
+    assert "metrics.jsonl" in message or "checkpoints.jsonl" in message
+    assert "intact" in message
+    assert f"on log_path ({log_disk / 'run'})" in message or str(log_disk / "run") in message
+    assert "the store" not in message  # the log_path is full, not the store

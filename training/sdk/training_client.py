@@ -793,8 +793,12 @@ class TrainingClient(AwaitableSelf):
                                      job_id=self.job_id)
         what = f"saving train state {name!r}"
         # Every rank writes its shards into the one entry: rank 0 clears a stale leftover first.
-        distributed.on_main(lambda: self.store.clear_entry(entry_dir))
-        local = self.store.open_entry(entry_dir)
+        try:
+            distributed.on_main(lambda: self.store.clear_entry(entry_dir))
+            local = self.store.open_entry(entry_dir)
+        except OSError as e:  # the store's directories cannot be made (full, read-only)
+            raise StoreError(f"{what} failed in {self.store.url(entry_dir)}: "
+                             f"{type(e).__name__}: {e}") from e
         # Ranks of a remote store each upload their own files; only a barrier tells rank 0 that
         # all uploads are done, so those saves stay synchronous.
         if not self.async_saves or (self.world.distributed and not self.store.is_local):

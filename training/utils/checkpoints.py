@@ -388,11 +388,15 @@ class TrainingCheckpoints:
         last = self.log.last_resumable()
         resume = (f"rerun to resume from {last['name']} (step {last['step']})" if last
                   else "rerun to start again (no resumable checkpoint yet)")
+        # A StoreError is the store's (the state or snapshot files); a bare OSError is the
+        # append to checkpoints.jsonl, in log_path.
+        where = (f"the store ({self.client.store.root_url})" if isinstance(error, StoreError)
+                 else f"log_path ({self.log.path.parent})")
         return CheckpointSaveError(
             f"saving checkpoint {row['name']!r} (step {row['step']}, {kind.value}) of job "
             f"{self.client.job_id} failed: {error}. It was not recorded in {self.log.path}; "
-            f"earlier checkpoints are intact. Free disk space or make the store "
-            f"({self.client.store.root_url}) writable, then {resume}.")
+            f"earlier checkpoints are intact. Free disk space on {where} or make it writable, "
+            f"then {resume}.")
 
     save_checkpoint = save
 

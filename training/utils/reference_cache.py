@@ -118,7 +118,15 @@ def load_or_compute_reference_logprobs(
     torch.save({"identity": json.dumps(identity, sort_keys=True),
                 "format_version": _FORMAT_VERSION, "chosen": chosen, "rejected": rejected},
                buffer)
-    distributed.on_main(lambda: store.write_bytes_atomic(path, buffer.getvalue()))
+    def write() -> None:
+        try:
+            store.write_bytes_atomic(path, buffer.getvalue())
+        except OSError as e:
+            raise StoreError(f"caching the reference log-probs in {store.url(path)} failed: "
+                             f"{e}. Nothing was trained yet; free space on (or make writable) "
+                             f"the store and rerun") from None
+
+    distributed.on_main(write)
     logger.info("computed reference log-probs of %d pairs in %.1f s", len(examples),
                 time.perf_counter() - t0)
     return ReferenceLogprobs(chosen=chosen, rejected=rejected, path=store.url(path),

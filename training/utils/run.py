@@ -81,9 +81,13 @@ class RunLock:
     """
 
     def __init__(self, log_path: Path) -> None:
-        log_path.mkdir(parents=True, exist_ok=True)
         self.path = log_path / LOCK_FILE
-        self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (closed in release)
+        try:
+            log_path.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (released)
+        except OSError as e:
+            raise LogPathError(f"cannot use log_path {log_path}: {e}. It must be a writable "
+                               f"directory with free space; nothing was changed") from None
         if fcntl is None:
             return
         try:
@@ -105,6 +109,11 @@ class RunLock:
         """Release the lock (safe to call twice)."""
         if not self._file.closed:
             self._file.close()
+
+
+class LogPathError(RuntimeError):
+    """The run's log_path (its lock, metrics.jsonl, run.json) cannot be written: full,
+    read-only or not a directory. The message names the file and what is still intact."""
 
 
 class NonFiniteStepError(RuntimeError):
@@ -193,6 +202,11 @@ class ResumableRun:
                 **self._identity,
             }, resuming=resume_row is not None,
                 overrides=getattr(config, "resume_overrides", ()))
+        except OSError as e:
+            self._let_go()
+            raise LogPathError(f"cannot write {self.log_path / 'run.json'}: {e}. Make "
+                               f"{self.log_path} writable (or free space) and rerun; nothing "
+                               f"else was changed") from None
         except BaseException:
             self._let_go()
             raise
@@ -422,8 +436,11 @@ class ResumableRun:
         else:
             self._non_finite_in_a_row = 0
         if self._metrics is not None and self._progress is not None:  # rank 0
-            self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(),
-                                     **metrics})
+            try:
+                self._metrics.log(step, {"data_consumed": data_consumed, "time": time.time(),
+                                         **metrics})
+            except OSError as e:
+                self._log_write_failed(self._metrics.path, e)
             postfix = {k: f"{metrics[k]:.4g}" for k in show if k in metrics}
             if "tokens_per_s" in metrics:
                 postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
@@ -436,7 +453,10 @@ class ResumableRun:
         due = step >= self.total_steps or (self.config.dcp_save_interval
                                            and step % self.config.dcp_save_interval == 0)
         if due and self._metrics is not None:
-            self._metrics.sync()  # the rows up to a checkpoint are as durable as it is
+            try:
+                self._metrics.sync()  # the rows up to a checkpoint are as durable as it is
+            except OSError as e:
+                self._log_write_failed(self._metrics.path, e)
         if step >= self.total_steps:
             self.final_row = self.checkpoints.save(f"step-{step}", step=step,
                                                    data_consumed=data_consumed,
@@ -446,6 +466,14 @@ class ResumableRun:
             self.checkpoints.save(f"step-{step}", step=step, data_consumed=data_consumed,
                                   kind=CheckpointKind.STATE, user_state=user_state)
             self._apply_retention()
+
+    def _log_write_failed(self, path: Path, error: OSError) -> None:
+        assert self.checkpoints is not None
+        last = self.checkpoints.log.last_resumable()
+        resume = (f"the last checkpoint, {last['name']} (step {last['step']}), is intact: a rerun "
+                  f"resumes from it" if last else "no checkpoint was saved yet")
+        raise LogPathError(f"writing {path} failed: {error}. Free space on (or make writable) "
+                           f"{self.log_path}; {resume}") from None
 
     def _check_non_finite(self, step: int, bad: dict[str, float]) -> None:
         """Stop the run on a non-finite step (or the max_non_finite_steps-th in a row with
