@@ -204,9 +204,9 @@ class ResumableRun:
                 overrides=getattr(config, "resume_overrides", ()))
         except OSError as e:
             self._let_go()
-            raise LogPathError(f"cannot write {self.log_path / 'run.json'}: {e}. Make "
-                               f"{self.log_path} writable (or free space) and rerun; nothing "
-                               f"else was changed") from None
+            raise LogPathError(f"log_path {self.log_path}: {e}. Make it readable and "
+                               f"writable (or free space) and rerun; nothing else was "
+                               f"changed") from None
         except BaseException:
             self._let_go()
             raise
