@@ -55,15 +55,17 @@ class RestClient:
         """The run a ``tinker://<run>/...`` checkpoint path belongs to."""
         return completed(self._training_run(parse_tinker_path(tinker_path)[0]))
 
-    def list_training_runs(self, limit: int = 20, offset: int = 0) -> APIFuture[Any]:
+    def list_training_runs(self, limit: int = 20, offset: int = 0, *,
+                           account: str | None = None) -> APIFuture[Any]:
         """Runs newest first, ``limit`` from ``offset`` (``TrainingRunsResponse`` with its
-        ``cursor``)."""
+        ``cursor``); with ``account``, only that account's runs (a server tenant's)."""
         from tinker import types
 
         if limit < 1 or offset < 0:
             raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, "
                              f"offset={offset}")
-        jobs = sorted((self.store.get_job(j) for j in self.store.list_jobs()),
+        jobs = sorted((job for job in (self.store.get_job(j) for j in self.store.list_jobs())
+                       if account is None or job.account == account),
                       key=lambda job: job.created_at, reverse=True)
         page = [self._training_run(job.job_id) for job in jobs[offset:offset + limit]]
         return completed(types.TrainingRunsResponse(

@@ -218,12 +218,17 @@ class ServiceClient:
                                                user_metadata=user_metadata,
                                                lora_target_modules=targets)
 
-    def _model_shape(self, base_model: str) -> torch.nn.Module:
-        """The model's module tree (weights on the meta device) to choose LoRA targets from."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def _model_config(self, base_model: str) -> Any:
+        from transformers import AutoConfig
 
         with model_source(base_model, self.store) as source:
-            config = AutoConfig.from_pretrained(source)
+            return AutoConfig.from_pretrained(source)
+
+    def _model_shape(self, base_model: str) -> torch.nn.Module:
+        """The model's module tree (weights on the meta device) to choose LoRA targets from."""
+        from transformers import AutoModelForCausalLM
+
+        config = self._model_config(base_model)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
 
@@ -284,8 +289,7 @@ class ServiceClient:
         base_model = self.config.base_model or (policy.base_model if policy else None)
         if base_model is None:
             return None
-        config = self._model_shape(base_model).config
-        return getattr(config, "max_position_embeddings", None)
+        return getattr(self._model_config(base_model), "max_position_embeddings", None)
 
     @property
     def reference_trainer_job_id(self) -> str | None:

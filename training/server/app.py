@@ -189,12 +189,8 @@ def create_app(service: TrainerService, api_key: str | Sequence[str] | None = No
 
     @app.get(f"{api}/training_runs")
     async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> Any:
-        if limit < 1 or offset < 0:
-            raise RequestError(f"limit must be >= 1 and offset >= 0, got {limit}, {offset}")
-        runs = service.list_runs(request.state.tenant)
-        page = [rest.get_training_run(r).result() for r in runs[offset:offset + limit]]
-        return {"training_runs": [run.model_dump(mode="json") for run in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+        return rest.list_training_runs(limit, offset, account=request.state.tenant) \
+            .result().model_dump(mode="json")
 
     @app.get(api + "/training_runs/{run_id}")
     async def training_run(run_id: str, request: Request) -> Any:

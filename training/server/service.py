@@ -432,13 +432,6 @@ class TrainerService:
         return self.deploy_mgr.create_or_get(base_model, deployment_id).deployment_id
 
     # ---------------------------------------------------------------- capabilities
-    def list_runs(self, tenant: str | None) -> list[str]:
-        """The run ids ``tenant`` may see, newest first."""
-        jobs = [self.store.get_job(j) for j in self.store.list_jobs()]
-        mine = sorted((j for j in jobs if tenant is None or j.account == tenant),
-                      key=lambda j: j.created_at, reverse=True)
-        return [j.job_id for j in mine]
-
     def capabilities(self) -> dict[str, Any]:
         return {"supported_models": [{"model_name": name, "trainable": True,
                                       "sampleable": True} for name in self.base_models]}
