@@ -111,7 +111,7 @@ def test_docs_server_examples_run(store_root, tmp_path, monkeypatch, capsys):
     doc = (REPO / "docs" / "server.md").read_text()
     python_blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     bash_blocks = re.findall(r"```bash\n(.*?)```", doc, flags=re.S)
-    assert len(python_blocks) == 2 and len(bash_blocks) == 2
+    assert len(python_blocks) == 3 and len(bash_blocks) == 2
     server = TrainerServerThread(store_root, base_models=["homefire/tiny-qwen3"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TINKER_BASE_URL", server.url)

@@ -17,6 +17,7 @@ from training.sdk import distributed
 from training.sdk.deployments import DeploymentManager
 from training.sdk.lora import apply_lora, lora_targets
 from training.sdk.models import load_causal_lm, load_shared_base, load_tokenizer, model_source
+from training.sdk.remote import is_trainer_server_url
 from training.sdk.rest_client import RestClient
 from training.sdk.sampling import DeploymentSampler, SamplingClient
 from training.sdk.snapshots import DEFAULT_DELTA_ENCODING, DELTA_ENCODINGS
@@ -58,11 +59,26 @@ class ServiceClient:
     training clients train data-parallel with FSDP2 (see :mod:`training.sdk.distributed`).
     """
 
+    def __new__(cls, *args: Any, base_url: str | None = None, api_key: str | None = None,
+                **kwargs: Any) -> Any:
+        # ServiceClient(base_url=...): the seeds' "connect to an existing trainer by URL".
+        if cls is ServiceClient and is_trainer_server_url(base_url):
+            from training.sdk.remote import RemoteServiceClient
+
+            if args or kwargs:
+                raise TypeError(f"ServiceClient(base_url=...) connects to a trainer server, "
+                                f"which has its own store and device: drop "
+                                f"{', '.join([*map(repr, args), *kwargs])}")
+            return RemoteServiceClient(base_url, api_key)
+        return super().__new__(cls)
+
     def __init__(self, storage_root: str | None = None, *, device: str = "auto",
                  mixed_precision: str = "auto", account: str | None = None,
                  sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
                  deployment_id: str | None = None, async_saves: bool = False,
-                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING) -> None:
+                 compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING,
+                 base_url: str | None = None, api_key: str | None = None) -> None:
+        del base_url, api_key  # the hosted control plane's (a server's URL is taken by __new__)
         if delta_encoding not in DELTA_ENCODINGS:
             raise ValueError(f"delta_encoding={delta_encoding!r}: expected one of "
                              f"{sorted(DELTA_ENCODINGS)}")
@@ -326,12 +342,29 @@ class ServiceClient:
         at the first sampling call. ``cleanup_deployment_on_close`` is ``"scale_to_zero"``,
         ``"delete"`` or None; ``cleanup_trainer_on_close`` frees the policy model on
         :meth:`close` (its checkpoints stay in the store). ``reference_trainer_job_id``
-        reattaches :meth:`create_reference_client` to that job. ``api_key``, ``base_url`` and
-        the hosted-only fields the seeds list (``inference_url``, ``training_shape_id``,
+        reattaches :meth:`create_reference_client` to that job.
+
+        ``base_url`` naming a trainer server (``scripts/trainer_server.py``; anything but the
+        hosted ``https://api.fireworks.ai``) returns a
+        :class:`~training.sdk.remote.RemoteServiceClient` on it: ``trainer_job_id`` then
+        reattaches a job of that server from any process, and the store, device and deployment
+        settings are the server's. ``api_key`` is the server's ``--api-key``. Otherwise
+        ``api_key``, ``base_url`` and the hosted-only fields the seeds list (``inference_url``, ``training_shape_id``,
         ``reference_training_shape_id``, ``deployment_shape``, ``trainer_replica_count``,
         ``cleanup_reference_trainer_on_close``) are accepted and have no effect locally; any
         other keyword is a ``TypeError`` naming it.
         """
+        config = ManagedConfig(
+            base_model=base_model, tokenizer_model=tokenizer_model, lora_rank=lora_rank,
+            create_deployment=create_deployment, replica_count=replica_count,
+            trainer_job_id=trainer_job_id, learning_rate=learning_rate,
+            cleanup_trainer_on_close=cleanup_trainer_on_close,
+            cleanup_deployment_on_close=cleanup_deployment_on_close, engine=engine,
+            reference_trainer_job_id=reference_trainer_job_id)
+        if is_trainer_server_url(base_url):
+            from training.sdk.remote import RemoteServiceClient
+
+            return RemoteServiceClient(base_url, api_key, config=config)  # type: ignore[return-value]
         # Hosted-only settings: nothing to connect to or provision locally.
         del api_key, base_url, inference_url, training_shape_id, reference_training_shape_id
         del deployment_shape, trainer_replica_count, cleanup_reference_trainer_on_close
@@ -341,13 +374,7 @@ class ServiceClient:
         service = cls(storage_root, device=device, mixed_precision=mixed_precision,
                       sampler_dtype=sampler_dtype, delta_encoding=delta_encoding,
                       deploy_mgr=deploy_mgr, deployment_id=deployment_id)
-        service.config = ManagedConfig(
-            base_model=base_model, tokenizer_model=tokenizer_model, lora_rank=lora_rank,
-            create_deployment=create_deployment, replica_count=replica_count,
-            trainer_job_id=trainer_job_id, learning_rate=learning_rate,
-            cleanup_trainer_on_close=cleanup_trainer_on_close,
-            cleanup_deployment_on_close=cleanup_deployment_on_close, engine=engine,
-            reference_trainer_job_id=reference_trainer_job_id)
+        service.config = config
         return service
 
     from_firetitan_config = from_config

@@ -143,6 +143,8 @@ def create_app(service: TrainerService, api_key: str | Sequence[str] | None = No
                  "save_weights_for_sampler", "load_weights", "weights_info",
                  "create_sampling_session", "asample"):
         app.post(f"{api}/{name}")(json_route(getattr(service, name)))
+    # homefire's own clients (training/sdk/remote.py): not part of Tinker's protocol
+    app.post(f"{api}/homefire/create_trainer")(json_route(service.create_trainer))
 
     @app.post(f"{api}/session_heartbeat")
     async def heartbeat() -> dict[str, Any]:

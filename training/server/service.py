@@ -234,6 +234,51 @@ class TrainerService:
 
         return self._future("create_model", run, key=f"{session_id}:create", model_id=model_id)
 
+    def create_trainer(self, body: dict[str, Any],
+                       tenant: str | None = LOCAL_TENANT) -> dict[str, Any]:
+        """homefire's own ``ServiceClient(base_url=...)``: a training client as the in-process
+        service makes it (``lora_rank`` 0 trains every weight; LoRA alpha, dropout and target
+        modules), a frozen reference (``reference``), or a reattach to trainer job ``job_id``.
+
+        Reattaching a job whose model is loaded here (by any session of this tenant) shares
+        that model, live weights and optimizer included, as reconnecting to a running hosted
+        trainer does; a job that is not loaded (the server restarted) is loaded fresh from its
+        base, to be restored from its last ``save_state`` as the in-process reattach is."""
+        session_id = self._session(body.get("session_id"), tenant)
+        base_model = self._check_base_model(body.get("base_model"))
+        model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+        lora_rank = int(body.get("lora_rank") or 0)
+        job_id = body.get("job_id")
+        if job_id is not None:
+            job = self.store.get_job(self.check_run(job_id, tenant))
+            if job.base_model != base_model or job.lora_rank != lora_rank:
+                raise RequestError(f"job {job_id!r} trains base_model={job.base_model!r}, "
+                                   f"lora_rank={job.lora_rank}; cannot reattach it for "
+                                   f"base_model={base_model!r}, lora_rank={lora_rank}")
+
+        def run() -> tuple[Any, str]:
+            live = next((m.client for m in self.models.values() if m.tenant == tenant
+                         and job_id is not None and m.client.job_id == job_id
+                         and not m.client.frozen), None)
+            service = self._service_client(tenant)
+            if live is not None:
+                client = live
+            elif body.get("reference"):
+                service.config.reference_trainer_job_id = job_id
+                client = service.create_reference_client(base_model, 0)
+            else:
+                client = service.create_training_client(
+                    base_model, lora_rank, user_metadata=body.get("user_metadata"),
+                    job_id=job_id, lora_alpha=body.get("lora_alpha"),
+                    lora_dropout=float(body.get("lora_dropout") or 0.0),
+                    lora_target_modules=body.get("lora_target_modules"))
+            self._add_model(model_id, session_id, tenant, client)
+            return {"model_id": model_id, "job_id": client.job_id, "attached": live is not None,
+                    "step": client.step}, "application/json"
+
+        return self._future("create_trainer", run, key=f"{session_id}:create",
+                            model_id=model_id)
+
     def _add_model(self, model_id: str, session_id: str, tenant: str | None,
                    client: TrainingClient) -> None:
         with self._lock:
