@@ -24,18 +24,15 @@ batch's chosen and rejected sequences, whose loss is :func:`training.utils.losse
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from training.sdk import GradAccNormalization
-from training.sdk.models import load_tokenizer
-from training.sdk.store import CheckpointStore
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset
 from training.utils.losses import DPO_LOSS_TYPES, dpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -49,7 +46,7 @@ from training.utils.reference_cache import (
     load_or_compute_reference_logprobs,
     reference_identity,
 )
-from training.utils.run import ResumableRun, RunResult
+from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -111,57 +108,38 @@ def main(config: Config) -> RunResult:
     validate(config)
 
     # ---- data: validated and tokenized before any model is loaded
-    tokenizer_name = config.tokenizer_model or config.base_model
-    tokenizer = load_tokenizer(tokenizer_name, CheckpointStore(config.infra.storage_root))
+    tokenizer = load_run_tokenizer(config)
     pairs = load_preference_pairs(config.dataset, split=config.dataset_split)
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
-    data_limit = config.epochs * len(dataset)
-    fingerprint = dataset_fingerprint(config.dataset, split=config.dataset_split)
 
     # ---- resume point, or nothing left to do
-    run = ResumableRun(config, recipe="dpo_loop", total_steps=total_steps, identity={
-        "tokenizer_model": tokenizer_name, "max_seq_len": config.max_seq_len,
-        "long_row_policy": config.long_row_policy, "dataset_fingerprint": fingerprint,
-        "loss_type": config.loss_type, "beta": config.beta,
-    })
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
+    with ResumableRun(config, recipe="dpo_loop", dataset=dataset, identity={
+            "long_row_policy": config.long_row_policy, "loss_type": config.loss_type,
+            "beta": config.beta}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
 
-    step, data_consumed = start.step, start.data_consumed
-    try:
         # ---- reference log-probs of every pair: from the store's cache, else from a frozen
         # copy of the starting weights (never from the resumed policy)
+        fingerprint = run.identity["dataset_fingerprint"]
         reference = load_or_compute_reference_logprobs(
             run.store, reference_identity(config, fingerprint,
                                           long_row_policy=config.long_row_policy),
             examples, lambda: create_starting_point_client(config), config.batch_size)
 
         # ---- training loop: one optimizer step per batch of pairs
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = dataset.batch(data_consumed,
-                                  min(config.batch_size, data_limit - data_consumed))
+        for batch in run.batches():
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(
                 datums, dpo_objective(*reference.of(batch), config)).result()
             # The loss is already a mean over pairs: no further normalization.
-            optim = client.optim_step(run.adam_params(step),
+            optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=GradAccNormalization.NONE,
                                       ).result()
-            step += 1
-            data_consumed += len(batch)
-            elapsed = time.perf_counter() - t0
-            num_tokens = sum(d.model_input.length for d in datums)
-            run.end_step(step, data_consumed, {
-                **fwd_bwd.metrics, "num_pairs": len(batch), "num_tokens": num_tokens,
-                "tokens_per_s": num_tokens / elapsed, "step_time_s": elapsed,
-                "learning_rate": optim.metrics["learning_rate"],
-                "grad_norm": optim.metrics["grad_norm"], "epoch": data_consumed / len(dataset)},
-                show=("loss", "preference_accuracy", "reward_margin"))
-    finally:
-        run.close()
-    return run.finish(step, data_consumed)
+            run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
+                         optim=optim, num_tokens=sum(d.model_input.length for d in datums),
+                         show=("loss", "preference_accuracy", "reward_margin"))
+        return run.finish()

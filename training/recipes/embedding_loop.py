@@ -20,16 +20,13 @@ hidden states the same way (``pooling``).
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 from training.sdk import GradAccNormalization
-from training.sdk.models import load_tokenizer
-from training.sdk.store import CheckpointStore
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset
 from training.utils.embedding_data import SAMPLE_PAIRS_PATH, load_pairs, pair_datums, pair_loss
-from training.utils.run import ResumableRun, RunResult
+from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 POOLINGS = ("mean", "last")
 
@@ -69,48 +66,28 @@ def main(config: Config) -> RunResult:
     validate(config)
 
     # ---- data: validated and tokenized before any model is loaded
-    tokenizer_name = config.tokenizer_model or config.base_model
-    tokenizer = load_tokenizer(tokenizer_name, CheckpointStore(config.infra.storage_root))
+    tokenizer = load_run_tokenizer(config)
     pairs, stats = load_pairs(config.dataset, tokenizer, config.max_seq_len,
                               split=config.dataset_split)
     dataset = SupervisedDataset(pairs, seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
-    data_limit = config.epochs * len(dataset)
 
     # ---- resume point, or nothing left to do
-    run = ResumableRun(config, recipe="embedding_loop", total_steps=total_steps, identity={
-        "tokenizer_model": tokenizer_name, "max_seq_len": config.max_seq_len,
-        "pooling": config.pooling, "temperature": config.temperature,
-        "dataset_fingerprint": dataset_fingerprint(config.dataset, split=config.dataset_split),
-    })
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary=stats.summary())
+    with ResumableRun(config, recipe="embedding_loop", dataset=dataset, identity={
+            "pooling": config.pooling, "temperature": config.temperature}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary=stats.summary())
 
-    # ---- training loop: one optimizer step per batch of pairs
-    step, data_consumed = start.step, start.data_consumed
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = dataset.batch(data_consumed,
-                                  min(config.batch_size, data_limit - data_consumed))
+        # ---- training loop: one optimizer step per batch of pairs
+        for batch in run.batches():
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(
                 datums, functools.partial(pair_loss, batch_size=len(batch),
                                           temperature=config.temperature),
                 output="embedding", pooling=config.pooling).result()
             # info_nce is already a mean over the batch's queries.
-            optim = client.optim_step(run.adam_params(step), grad_accumulation_normalization=(
+            optim = client.optim_step(run.adam_params(), grad_accumulation_normalization=(
                 GradAccNormalization.NONE)).result()
-            step += 1
-            data_consumed += len(batch)
-            elapsed = time.perf_counter() - t0
-            num_tokens = sum(d.model_input.length for d in datums)
-            run.end_step(step, data_consumed, {
-                **fwd_bwd.metrics, "num_tokens": num_tokens,
-                "tokens_per_s": num_tokens / elapsed, "step_time_s": elapsed,
-                "learning_rate": optim.metrics["learning_rate"],
-                "grad_norm": optim.metrics["grad_norm"], "epoch": data_consumed / len(dataset)})
-    finally:
-        run.close()
-    return run.finish(step, data_consumed)
+            run.end_step(fwd_bwd.metrics, consumed=len(batch), optim=optim,
+                         num_tokens=sum(d.model_input.length for d in datums))
+        return run.finish()

@@ -22,18 +22,15 @@ The loop reads top to bottom: config -> data -> resume point -> trainer -> steps
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from training.sdk import GradAccNormalization
-from training.sdk.models import load_tokenizer
-from training.sdk.store import CheckpointStore
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset
 from training.utils.losses import orpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -42,7 +39,7 @@ from training.utils.preference_data import (
     pair_datums,
     sequence_logprobs,
 )
-from training.utils.run import ResumableRun, RunResult
+from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -88,49 +85,30 @@ def main(config: Config) -> RunResult:
     validate(config)
 
     # ---- data: validated and tokenized before any model is loaded
-    tokenizer_name = config.tokenizer_model or config.base_model
-    tokenizer = load_tokenizer(tokenizer_name, CheckpointStore(config.infra.storage_root))
+    tokenizer = load_run_tokenizer(config)
     pairs = load_preference_pairs(config.dataset, split=config.dataset_split)
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
-    data_limit = config.epochs * len(dataset)
 
     # ---- resume point, or nothing left to do
-    run = ResumableRun(config, recipe="orpo_loop", total_steps=total_steps, identity={
-        "tokenizer_model": tokenizer_name, "max_seq_len": config.max_seq_len,
-        "long_row_policy": config.long_row_policy, "orpo_lambda": config.orpo_lambda,
-        "dataset_fingerprint": dataset_fingerprint(config.dataset, split=config.dataset_split),
-    })
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
+    with ResumableRun(config, recipe="orpo_loop", dataset=dataset, identity={
+            "long_row_policy": config.long_row_policy,
+            "orpo_lambda": config.orpo_lambda}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
 
-    # ---- training loop: one optimizer step per batch of pairs
-    loss_fn = orpo_objective(config)
-    step, data_consumed = start.step, start.data_consumed
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = dataset.batch(data_consumed,
-                                  min(config.batch_size, data_limit - data_consumed))
+        # ---- training loop: one optimizer step per batch of pairs
+        loss_fn = orpo_objective(config)
+        for batch in run.batches():
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(datums, loss_fn).result()
             # The loss is already a mean over pairs: no further normalization.
-            optim = client.optim_step(run.adam_params(step),
+            optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=GradAccNormalization.NONE,
                                       ).result()
-            step += 1
-            data_consumed += len(batch)
-            elapsed = time.perf_counter() - t0
-            num_tokens = sum(d.model_input.length for d in datums)
-            run.end_step(step, data_consumed, {
-                **fwd_bwd.metrics, "num_pairs": len(batch), "num_tokens": num_tokens,
-                "tokens_per_s": num_tokens / elapsed, "step_time_s": elapsed,
-                "learning_rate": optim.metrics["learning_rate"],
-                "grad_norm": optim.metrics["grad_norm"], "epoch": data_consumed / len(dataset)},
-                show=("loss", "preference_accuracy", "log_odds_ratio"))
-    finally:
-        run.close()
-    return run.finish(step, data_consumed)
+            run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
+                         optim=optim, num_tokens=sum(d.model_input.length for d in datums),
+                         show=("loss", "preference_accuracy", "log_odds_ratio"))
+        return run.finish()

@@ -45,14 +45,12 @@ from typing import Any
 import torch
 
 from training.sdk import GradAccNormalization, SamplingClient, WeightSyncer, distributed
-from training.sdk.models import load_tokenizer
 from training.sdk.service_client import ServiceClient
 from training.sdk.snapshots import make_snapshot_identity
-from training.sdk.store import CheckpointStore
 from training.sdk.training_client import CustomLossFn, TrainingClient
 from training.sdk.types import Datum, SamplingParams
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset, dataset_fingerprint
+from training.utils.data import SupervisedDataset
 from training.utils.rewards import RewardFn, call_reward, load_reward_fn, required_fields
 from training.utils.rl_data import (
     SAMPLE_RL_PROMPTS_PATH,
@@ -66,7 +64,7 @@ from training.utils.rl_data import (
     sampling_seed,
 )
 from training.utils.rl_losses import RL_LOSSES, group_advantages, policy_loss, resolve_clip
-from training.utils.run import ResumableRun, RunResult
+from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -362,79 +360,69 @@ def main(config: Config) -> RunResult:
 
     # ---- data and reward: validated before any model is loaded
     reward = load_reward_fn(config.reward_fn)
-    tokenizer_name = config.tokenizer_model or config.base_model
-    tokenizer = load_tokenizer(tokenizer_name, CheckpointStore(config.infra.storage_root))
+    tokenizer = load_run_tokenizer(config)
     prompts, stats = load_rl_prompts(
         config.dataset, tokenizer, split=config.dataset_split, required_fields=required_fields(
             reward), max_prompt_tokens=config.max_seq_len - config.max_completion_tokens)
     dataset = SupervisedDataset(list(range(len(prompts))), seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
-    data_limit = config.epochs * len(dataset)
     clip_low, clip_high = resolve_clip(config.loss if config.loss in RL_LOSSES else "grpo",
                                        config.clip_eps_low, config.clip_eps_high)
 
     # ---- resume point, or nothing left to do
-    run = ResumableRun(config, recipe="rl_loop", total_steps=total_steps, identity={
-        "tokenizer_model": tokenizer_name, "max_seq_len": config.max_seq_len,
-        "dataset_fingerprint": dataset_fingerprint(config.dataset, split=config.dataset_split),
-        "reward_fn": config.reward_fn, "group_size": config.group_size,
-        "max_completion_tokens": config.max_completion_tokens,
-        "temperature": config.temperature, "loss": config.loss, "clip": [clip_low, clip_high],
-        "tis_cap": config.tis_cap, "kl_beta": config.kl_beta, "off_policy": config.off_policy,
-        **({"dro_beta": config.dro_beta} if config.loss == "dro" else {}),
-    })
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary=f"{stats.summary()}, {config.group_size} samples each, "
-                                      f"loss {config.loss}")
+    with ResumableRun(config, recipe="rl_loop", dataset=dataset, identity={
+            "reward_fn": config.reward_fn, "group_size": config.group_size,
+            "max_completion_tokens": config.max_completion_tokens,
+            "temperature": config.temperature, "loss": config.loss,
+            "clip": [clip_low, clip_high], "tis_cap": config.tis_cap,
+            "kl_beta": config.kl_beta, "off_policy": config.off_policy,
+            **({"dro_beta": config.dro_beta} if config.loss == "dro" else {})}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary=f"{stats.summary()}, {config.group_size} samples each, "
+                                   f"loss {config.loss}")
+        pool = ThreadPoolExecutor(max_workers=1) if config.off_policy else None
+        try:
+            # ---- deployment on the (resumed) policy weights: a base snapshot before any sample
+            assert run.service is not None
+            sync = PolicySync(run.service, client, config)
+            sync.sync(run.step, checkpoint_type="base")
+            reference = (run.service.create_reference_client(config.base_model,
+                                                             lora_rank=config.lora_rank)
+                         if config.kl_beta > 0 else None)
+            rollouts = RolloutSampler(sync.sampler, prompts, dataset, reward, config)
+            rollout_log = RolloutLog(config.log_path, start_step=run.step)
+            # Off-policy: rollouts of the next step sampled while this one trained, saved with
+            # each checkpoint so a resumed run trains on exactly what the uninterrupted one
+            # would have.
+            pending: RolloutBatch | None = run.user_state.get("pending_rollouts")
 
-    step, data_consumed = start.step, start.data_consumed
-    executor = ThreadPoolExecutor(max_workers=1) if config.off_policy else None
-    try:
-        # ---- deployment on the (resumed) policy weights: a base snapshot before any sample
-        assert run.service is not None
-        sync = PolicySync(run.service, client, config)
-        sync.sync(step, checkpoint_type="base")
-        reference = (run.service.create_reference_client(config.base_model,
-                                                         lora_rank=config.lora_rank)
-                     if config.kl_beta > 0 else None)
-        rollouts = RolloutSampler(sync.sampler, prompts, dataset, reward, config)
-        rollout_log = RolloutLog(config.log_path, start_step=step)
-        # Off-policy: rollouts of the next step sampled while this one trained, saved with each
-        # checkpoint so a resumed run trains on exactly what the uninterrupted one would have.
-        pending: RolloutBatch | None = start.user_state.get("pending_rollouts")
+            def batch_size_at(position: int) -> int:
+                return min(config.batch_size, run.data_limit - position)
 
-        def batch_size_at(position: int) -> int:
-            return min(config.batch_size, data_limit - position)
-
-        # ---- training loop: sample groups, score, one optimizer step
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = pending or rollouts.sample(step, data_consumed, batch_size_at(data_consumed))
-            pending = None
-            next_consumed = data_consumed + len(batch.rollouts) // config.group_size
-            prefetch: Future[RolloutBatch] | None = None
-            if executor is not None and step + 1 < total_steps:
-                prefetch = executor.submit(rollouts.sample, step + 1, next_consumed,
+            # ---- training loop: sample groups, score, one optimizer step
+            for step in run.steps():
+                batch = pending or rollouts.sample(step, run.data_consumed,
+                                                   batch_size_at(run.data_consumed))
+                pending = None
+                consumed = len(batch.rollouts) // config.group_size
+                next_consumed = run.data_consumed + consumed
+                prefetch: Future[RolloutBatch] | None = None
+                if pool is not None and step + 1 < run.total_steps:
+                    prefetch = pool.submit(rollouts.sample, step + 1, next_consumed,
                                            batch_size_at(next_consumed))
-            metrics = train_on(client, run, batch, step, config, reference,
-                               on_policy=executor is None)
-            if prefetch is not None:
-                pending = prefetch.result()
-            step += 1
-            data_consumed = next_consumed
-            if step < total_steps:
-                sync.sync(step)
-            rollout_log.append(step, batch, prompts)
-            elapsed = time.perf_counter() - t0
-            run.end_step(step, data_consumed, {
-                **rollout_metrics(batch), **metrics, "step_time_s": elapsed,
-                "sampled_from": batch.synced_snapshot,
-                "epoch": data_consumed / len(dataset)},
-                show=("reward_mean", "filtered_group_fraction"),
-                user_state={"pending_rollouts": pending} if pending is not None else None)
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-        run.close()
-    return run.finish(step, data_consumed)
+                metrics = train_on(client, run, batch, step, config, reference,
+                                   on_policy=pool is None)
+                if prefetch is not None:
+                    pending = prefetch.result()
+                if step + 1 < run.total_steps:
+                    sync.sync(step + 1)
+                rollout_log.append(step + 1, batch, prompts)
+                run.end_step({**rollout_metrics(batch), **metrics,
+                              "sampled_from": batch.synced_snapshot},
+                             consumed=consumed, show=("reward_mean", "filtered_group_fraction"),
+                             user_state=({"pending_rollouts": pending} if pending is not None
+                                         else None))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return run.finish()

@@ -16,22 +16,18 @@ promotion. Fork it to change what a step does; the pieces it calls live in ``tra
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from training.sdk import GradAccNormalization
-from training.sdk.models import load_tokenizer
-from training.sdk.store import CheckpointStore
 from training.sdk.tiny_model import SAMPLE_CHATS_PATH
 from training.utils.config import TrainConfig, validate_common
 from training.utils.data import (
     SupervisedDataset,
     build_sft_examples,
-    dataset_fingerprint,
     example_to_datum,
     load_chat_rows,
 )
-from training.utils.run import ResumableRun, RunResult
+from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -55,48 +51,29 @@ def main(config: Config) -> RunResult:
     validate(config)
 
     # ---- data: validated and tokenized before any model is loaded
-    tokenizer_name = config.tokenizer_model or config.base_model
-    tokenizer = load_tokenizer(tokenizer_name, CheckpointStore(config.infra.storage_root))
+    tokenizer = load_run_tokenizer(config)
     rows = load_chat_rows(config.dataset, split=config.dataset_split)
     examples, stats = build_sft_examples(rows, tokenizer, config.max_seq_len,
                                          config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)
-    total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
-    data_limit = config.epochs * len(dataset)
 
     # ---- resume point, or nothing left to do
-    run = ResumableRun(config, recipe="sft_loop", total_steps=total_steps, identity={
-        "tokenizer_model": tokenizer_name, "max_seq_len": config.max_seq_len,
-        "long_row_policy": config.long_row_policy,
-        "dataset_fingerprint": dataset_fingerprint(config.dataset, split=config.dataset_split),
-    })
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
+    with ResumableRun(config, recipe="sft_loop", dataset=dataset,
+                      identity={"long_row_policy": config.long_row_policy}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
 
-    # ---- training loop: one optimizer step per batch of conversations
-    normalization = GradAccNormalization(config.grad_accumulation_normalization)
-    step, data_consumed = start.step, start.data_consumed
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = dataset.batch(data_consumed,
-                                  min(config.batch_size, data_limit - data_consumed))
+        # ---- training loop: one optimizer step per batch of conversations
+        normalization = GradAccNormalization(config.grad_accumulation_normalization)
+        for batch in run.batches():
             datums = [example_to_datum(example) for example in batch]
             fwd_bwd = client.forward_backward(datums, "cross_entropy").result()
-            optim = client.optim_step(run.adam_params(step),
+            optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=normalization).result()
-            step += 1
-            data_consumed += len(batch)
-            elapsed = time.perf_counter() - t0
-            num_tokens = sum(d.model_input.length for d in datums)
             loss_tokens = fwd_bwd.metrics["num_loss_tokens"]
-            run.end_step(step, data_consumed, {
-                "loss": fwd_bwd.metrics["loss:sum"] / max(loss_tokens, 1),
-                "num_loss_tokens": loss_tokens, "num_tokens": num_tokens,
-                "tokens_per_s": num_tokens / elapsed, "step_time_s": elapsed,
-                "learning_rate": optim.metrics["learning_rate"],
-                "grad_norm": optim.metrics["grad_norm"], "epoch": data_consumed / len(dataset)})
-    finally:
-        run.close()
-    return run.finish(step, data_consumed)
+            run.end_step({"loss": fwd_bwd.metrics["loss:sum"] / max(loss_tokens, 1),
+                          "num_loss_tokens": loss_tokens},
+                         consumed=len(batch), optim=optim,
+                         num_tokens=sum(d.model_input.length for d in datums))
+        return run.finish()

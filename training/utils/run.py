@@ -2,19 +2,20 @@
 
 A recipe owns its data and its step; :class:`ResumableRun` owns everything around them: the
 resume point in ``log_path``, the identity check that refuses a changed run, the trainer job
-(reattached on resume), checkpoint saves (STATE every ``dcp_save_interval``, BOTH at the end),
-metrics, progress, and promotion::
+(reattached on resume), the data cursor, checkpoint saves (STATE every ``dcp_save_interval``,
+BOTH at the end), metrics, progress, and promotion::
 
-    run = ResumableRun(config, recipe="sft_loop", identity={...}, total_steps=n)
-    if run.complete_row is not None:
-        return run.finish_complete()
-    client, start = run.start(summary="...")
-    step, data_consumed = start.step, start.data_consumed
-    while step < run.total_steps:
-        ...  # forward_backward + client.optim_step(run.adam_params(step))
-        step += 1
-        run.end_step(step, data_consumed, {"loss": ...})
-    return run.finish()
+    with ResumableRun(config, recipe="sft_loop", dataset=dataset, identity={...}) as run:
+        if run.complete_row is not None:
+            return run.finish_complete()
+        client = run.start(summary="...")
+        for batch in run.batches():
+            ...  # forward_backward + optim = client.optim_step(run.adam_params())
+            run.end_step({"loss": ...}, consumed=len(batch), optim=optim, num_tokens=n)
+        return run.finish()
+
+Leaving the ``with`` block in any way (an error in the step, Ctrl-C) closes metrics and progress
+and releases the log_path lock and the SIGTERM handler.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from training.utils.config import (
     config_to_dict,
     validate_common,
 )
+from training.utils.data import SupervisedDataset, dataset_fingerprint
 from training.utils.lr_schedule import lr_at
 from training.utils.metrics import MetricsLogger, Progress, TensorBoardSink, WandbSink
 
@@ -111,6 +114,18 @@ class RunLock:
             self._file.close()
 
 
+def tokenizer_name(config: TrainConfig) -> str:
+    """The tokenizer a run uses: ``tokenizer_model``, else the base model's."""
+    return config.tokenizer_model or config.base_model
+
+
+def load_run_tokenizer(config: TrainConfig) -> Any:
+    """The run's tokenizer (:func:`tokenizer_name`), loaded before any model is."""
+    from training.sdk.models import load_tokenizer
+
+    return load_tokenizer(tokenizer_name(config), CheckpointStore(config.infra.storage_root))
+
+
 class LogPathError(RuntimeError):
     """The run's log_path (its lock, metrics.jsonl, run.json) cannot be written: full,
     read-only or not a directory. The message names the file and what is still intact."""
@@ -140,20 +155,37 @@ class ResumableRun:
     identity) before any model is loaded.
 
     Args:
-        config: the recipe's config (a :class:`TrainConfig` subclass).
+        config: the recipe's config (a :class:`TrainConfig` subclass with a ``dataset``).
         recipe: the recipe's name, recorded in run.json.
-        identity: what a resumed run must share with the original (dataset fingerprint, batch
-            size, ...); base model, seed and store are added here.
-        total_steps: optimizer steps of the whole run.
+        dataset: the run's examples: :meth:`batches` walks them for ``config.epochs`` epochs
+            (or ``config.max_steps`` steps) from the resume point.
+        identity: what a resumed run must share with the original beyond what every run
+            shares (base model, seed, store, tokenizer, max_seq_len, the dataset's
+            fingerprint, batch size and the trajectory fields are added here).
     """
 
-    def __init__(self, config: TrainConfig, *, recipe: str, identity: dict[str, Any],
-                 total_steps: int) -> None:
+    def __init__(self, config: TrainConfig, *, recipe: str, dataset: SupervisedDataset,
+                 identity: dict[str, Any]) -> None:
         validate_common(config)
         self.config = config
         self.recipe = recipe
-        self._identity = identity
-        self.total_steps = total_steps
+        self.dataset = dataset
+        self.total_steps = dataset.num_steps(config.epochs, config.batch_size, config.max_steps)
+        """Optimizer steps of the whole run."""
+        self.data_limit = config.epochs * len(dataset)
+        """Examples the whole run consumes (``epochs`` passes over the dataset)."""
+        self._identity = {
+            "tokenizer_model": tokenizer_name(config), "max_seq_len": config.max_seq_len,
+            "dataset_fingerprint": dataset_fingerprint(config.dataset,
+                                                       split=config.dataset_split),
+            **identity}
+        self.step = 0
+        """Optimizer steps done (set by :meth:`start` from the resume point)."""
+        self.data_consumed = 0
+        """Examples consumed: the data cursor (set by :meth:`start`)."""
+        self.user_state: dict[str, Any] = {}
+        """Recipe state restored with the resume checkpoint (``end_step``'s ``user_state``)."""
+        self._step_started: float | None = None
         self.log_path = Path(config.log_path)
         self.store = CheckpointStore(config.infra.storage_root)
         self.checkpoint_log = CheckpointLog(self.log_path)
@@ -282,6 +314,21 @@ class ResumableRun:
                 f"{meta.base_model!r}, but base_model is {self.config.base_model!r}; set "
                 f"base_model={meta.base_model!r} or pick a checkpoint of this base model")
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with this one beyond the config's common fields
+        (the recipe's keys, the tokenizer, max_seq_len and the dataset's fingerprint)."""
+        return dict(self._identity)
+
+    def __enter__(self) -> ResumableRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Any way out of the ``with`` block: close metrics and progress, and release the
+        log_path lock and the SIGTERM handler (a second run of the same log_path may start)."""
+        self.close()
+        self._let_go()
+
     # ---------------------------------------------------------------- completion
     @property
     def complete_row(self) -> dict[str, Any] | None:
@@ -303,20 +350,23 @@ class ResumableRun:
         return RunResult(str(self.log_path), row["step"], row, promoted, already_complete=True)
 
     # ---------------------------------------------------------------- start
-    def start(self, summary: str = "", lora_rank: int | None = None,
-              ) -> tuple[TrainingClient, ResumeInfo]:
-        """Create (or reattach) the trainer and restore the resume point or init checkpoint.
+    def start(self, summary: str = "", lora_rank: int | None = None) -> TrainingClient:
+        """Create (or reattach) the trainer and restore the resume point or init checkpoint:
+        :attr:`step`, :attr:`data_consumed` and :attr:`user_state` are the resume point's.
 
         Seeds the RNGs and sets the thread count first; resume then overwrites the RNG states
         with the saved ones.
         """
         try:
-            return self._start(summary, self.config.lora_rank if lora_rank is None
-                               else lora_rank)
+            client, start = self._start(summary, self.config.lora_rank if lora_rank is None
+                                        else lora_rank)
         except BaseException:
             self.close()
             self._let_go()
             raise
+        self.step, self.data_consumed = start.step, start.data_consumed
+        self.user_state = dict(start.user_state)
+        return client
 
     def _start(self, summary: str, lora_rank: int) -> tuple[TrainingClient, ResumeInfo]:
         config = self.config
@@ -408,24 +458,61 @@ class ResumableRun:
             self.store.delete(path)
 
     # ---------------------------------------------------------------- steps
-    def adam_params(self, step: int) -> AdamParams:
-        """Optimizer settings for 0-based ``step``: the config's Adam fields and LR schedule."""
+    def steps(self) -> Iterator[int]:
+        """The 0-based index of each step still to run, until ``total_steps``; each step's
+        clock starts here. The loop body must end with :meth:`end_step`."""
+        while self.step < self.total_steps:
+            step = self.step
+            self._step_started = time.perf_counter()
+            yield step
+            if self.step == step:
+                raise RuntimeError(f"step {step + 1} ended without run.end_step(...): call it "
+                                   f"once at the end of every step")
+
+    def batches(self) -> Iterator[list[Any]]:
+        """The next batch of the dataset for each step still to run (the last one of the run
+        may be short), from the data cursor."""
+        for _ in self.steps():
+            yield self.dataset.batch(
+                self.data_consumed, min(self.config.batch_size,
+                                        self.data_limit - self.data_consumed))
+
+    def adam_params(self, step: int | None = None) -> AdamParams:
+        """Optimizer settings for 0-based ``step`` (default: the step running now): the
+        config's Adam fields and LR schedule."""
         config = self.config
+        step = self.step if step is None else step
         lr = lr_at(step, self.total_steps, config.learning_rate, config.lr_schedule,
                    config.warmup_steps)
         return AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2,
                           eps=config.adam_eps, weight_decay=config.weight_decay,
                           grad_clip_norm=config.grad_clip_norm)
 
-    def end_step(self, step: int, data_consumed: int, metrics: dict[str, Any],
-                 show: tuple[str, ...] = ("loss",),
+    def end_step(self, metrics: dict[str, Any], *, consumed: int, optim: Any = None,
+                 num_tokens: int | None = None, show: tuple[str, ...] = ("loss",),
                  user_state: dict[str, Any] | None = None) -> None:
-        """Record step ``step`` (1-based, just finished) and save if it is due.
+        """Finish the step running now: advance the cursor by ``consumed`` examples, record
+        its metrics and save if a checkpoint is due.
 
+        The common metrics are added here: ``step_time_s`` (since :meth:`steps` yielded),
+        ``epoch``, ``learning_rate`` and ``grad_norm`` (from ``optim``, the step's
+        ``optim_step`` result) and, with ``num_tokens``, ``num_tokens`` and ``tokens_per_s``.
         ``show`` picks the metrics shown in the progress bar (tokens/s is always shown when
         present). ``user_state`` is extra recipe state to store with a STATE/BOTH save.
         """
         assert self.checkpoints is not None, "call start() first"
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self.step += 1
+        self.data_consumed += consumed
+        step, data_consumed = self.step, self.data_consumed
+        metrics = dict(metrics)
+        if num_tokens is not None:
+            metrics.update(num_tokens=num_tokens, tokens_per_s=num_tokens / max(elapsed, 1e-9))
+        metrics["step_time_s"] = elapsed
+        if optim is not None:
+            metrics.update(learning_rate=optim.metrics["learning_rate"],
+                           grad_norm=optim.metrics["grad_norm"])
+        metrics["epoch"] = data_consumed / len(self.dataset)
         bad = {k: metrics[k] for k in ("loss", "grad_norm")
                if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])}
         if bad:
@@ -504,9 +591,10 @@ class ResumableRun:
         self.checkpoints.apply_retention(getattr(self.config, "keep_last_n", None))
 
     # ---------------------------------------------------------------- end
-    def finish(self, step: int, data_consumed: int) -> RunResult:
+    def finish(self) -> RunResult:
         """Close metrics and progress, make sure the final save is BOTH, promote, report."""
         assert self.checkpoints is not None, "call start() first"
+        step, data_consumed = self.step, self.data_consumed
         self.close()
         try:
             if self.final_row is None:
