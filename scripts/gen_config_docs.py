@@ -20,12 +20,15 @@ import importlib.util
 import inspect
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("training") is None:
     sys.path.insert(0, str(REPO))
+
+from training.sdk.choices import Choice  # noqa: E402 (after the path set-up)
 
 RECIPES_DIR = REPO / "training" / "recipes"
 DOCS_DIR = REPO / "docs" / "recipes"
@@ -69,10 +72,18 @@ def _cell(text: str) -> str:
 def field_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """``(name, type, default, description)`` of every field, nested configs flattened."""
     docs = attribute_docs(cls)
+    hints = typing.get_type_hints(cls)
     rows = []
     nested = []
     for f in dataclasses.fields(cls):
         default = _default(f)
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            # A closed set: its values are the type (the command line takes them by name).
+            choices = ", ".join(f"`{value}`" for value in hint.values())
+            rows.append((f"`{prefix}{f.name}`", f"one of {choices}", f"`{str(default)!r}`",
+                         docs.get(f.name, "")))
+            continue
         if dataclasses.is_dataclass(default):
             nested.append((f, type(default)))
             continue

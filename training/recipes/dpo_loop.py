@@ -32,8 +32,8 @@ from training.sdk import GradAccNormalization
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset
-from training.utils.losses import DPO_LOSS_TYPES, dpo_loss
+from training.utils.data import LongRowPolicy, SupervisedDataset
+from training.utils.losses import DPOLossType, dpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
     build_preference_examples,
@@ -60,9 +60,9 @@ class Config(TrainConfig):
     beta: float = 0.1
     """Strength of the implicit KL penalty to the reference (> 0; the DPO paper's 0.1). Larger
     keeps the policy closer to the reference."""
-    loss_type: str = "sigmoid"
+    loss_type: DPOLossType = DPOLossType.sigmoid
     """'sigmoid' (DPO), 'ipo' or 'hinge' (SLiC); see training.utils.losses.dpo_loss."""
-    long_row_policy: str = "drop"
+    long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Pairs with a side over max_seq_len tokens: 'drop' (counted), 'truncate' or 'error'."""
     batch_size: int = 8
     """Preference pairs per optimizer step (each is two sequences)."""
@@ -74,9 +74,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"loss_type={config.loss_type!r}: expected one of "
-                          f"{', '.join(DPO_LOSS_TYPES)}")
     if not config.beta > 0:
         raise ConfigError(f"beta must be > 0, got {config.beta} (0.1 is the usual start)")
     if config.init_from_checkpoint and config.lora_rank > 0:
@@ -137,7 +134,7 @@ def main(config: Config) -> RunResult:
                 datums, dpo_objective(*reference.of(batch), config)).result()
             # The loss is already a mean over pairs: no further normalization.
             optim = client.optim_step(run.adam_params(),
-                                      grad_accumulation_normalization=GradAccNormalization.NONE,
+                                      grad_accumulation_normalization=GradAccNormalization.none,
                                       ).result()
             run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
                          optim=optim, num_tokens=sum(d.model_input.length for d in datums),

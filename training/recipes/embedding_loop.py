@@ -22,13 +22,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from training.sdk import GradAccNormalization
+from training.sdk import GradAccNormalization, Pooling
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import SupervisedDataset
 from training.utils.embedding_data import SAMPLE_PAIRS_PATH, load_pairs, pair_datums, pair_loss
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
-
-POOLINGS = ("mean", "last")
 
 
 @dataclass(kw_only=True)
@@ -39,7 +37,7 @@ class Config(TrainConfig):
     dataset: str = str(SAMPLE_PAIRS_PATH)
     """Pairs: JSONL (or any `datasets` source) of rows with 'query' (or 'anchor'), 'positive'
     and optionally 'negative' texts. Default: the bundled question/answer pairs."""
-    pooling: str = "mean"
+    pooling: Pooling = Pooling.mean
     """'mean' (average of the text's final hidden states) or 'last' (the end-of-sequence
     token's)."""
     temperature: float = 0.05
@@ -53,8 +51,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.pooling not in POOLINGS:
-        raise ConfigError(f"pooling={config.pooling!r}: expected one of {', '.join(POOLINGS)}")
     if not config.temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {config.temperature}")
     if config.batch_size < 2:
@@ -87,7 +83,7 @@ def main(config: Config) -> RunResult:
                 output="embedding", pooling=config.pooling).result()
             # info_nce is already a mean over the batch's queries.
             optim = client.optim_step(run.adam_params(), grad_accumulation_normalization=(
-                GradAccNormalization.NONE)).result()
+                GradAccNormalization.none)).result()
             run.end_step(fwd_bwd.metrics, consumed=len(batch), optim=optim,
                          num_tokens=sum(d.model_input.length for d in datums))
         return run.finish()

@@ -30,7 +30,7 @@ from training.sdk import GradAccNormalization
 from training.sdk.training_client import CustomLossFn
 from training.sdk.types import Datum
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import SupervisedDataset
+from training.utils.data import LongRowPolicy, SupervisedDataset
 from training.utils.losses import orpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -52,7 +52,7 @@ class Config(TrainConfig):
     Default: the bundled sample (400 pairs)."""
     orpo_lambda: float = 0.5
     """Weight of the odds-ratio term against the SFT term (> 0; the paper uses 0.1 to 1)."""
-    long_row_policy: str = "drop"
+    long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Pairs with a side over max_seq_len tokens: 'drop' (counted), 'truncate' or 'error'."""
     batch_size: int = 8
     """Preference pairs per optimizer step (each is two sequences)."""
@@ -106,7 +106,7 @@ def main(config: Config) -> RunResult:
             fwd_bwd = client.forward_backward_custom(datums, loss_fn).result()
             # The loss is already a mean over pairs: no further normalization.
             optim = client.optim_step(run.adam_params(),
-                                      grad_accumulation_normalization=GradAccNormalization.NONE,
+                                      grad_accumulation_normalization=GradAccNormalization.none,
                                       ).result()
             run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
                          optim=optim, num_tokens=sum(d.model_input.length for d in datums),

@@ -51,6 +51,7 @@ from training.sdk.training_client import CustomLossFn, TrainingClient
 from training.sdk.types import Datum, SamplingParams
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import SupervisedDataset
+from training.utils.lr_schedule import LRSchedule
 from training.utils.rewards import RewardFn, call_reward, load_reward_fn, required_fields
 from training.utils.rl_data import (
     SAMPLE_RL_PROMPTS_PATH,
@@ -63,7 +64,13 @@ from training.utils.rl_data import (
     rollout_datum,
     sampling_seed,
 )
-from training.utils.rl_losses import RL_LOSSES, group_advantages, policy_loss, resolve_clip
+from training.utils.rl_losses import (
+    RL_LOSSES,
+    RLLoss,
+    group_advantages,
+    policy_loss,
+    resolve_clip,
+)
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,8 +99,8 @@ class Config(TrainConfig):
     learning_rate: float = 2e-3
     """Peak learning rate. 2e-3 suits the tiny demo model; real models want ~1e-6 (full) or
     ~1e-5 (LoRA)."""
-    lr_schedule: str = "constant"
-    loss: str = "grpo"
+    lr_schedule: LRSchedule = LRSchedule.constant
+    loss: RLLoss = RLLoss.grpo
     """'grpo' (PPO clip + truncated IS), 'dapo' (asymmetric clip), 'gspo' (sequence-level
     ratio), 'cispo' (clipped IS-weighted REINFORCE) or 'importance_sampling' (formulas in
     training.utils.rl_losses); or 'ppo' / 'dro': the trainer's built-in losses with Tinker's
@@ -115,7 +122,7 @@ class Config(TrainConfig):
     scale_advantages_by_std: bool = True
     """Divide advantages by the group's reward std (GRPO); false keeps only the mean baseline
     (Dr. GRPO)."""
-    grad_accumulation_normalization: str = "num_loss_tokens"
+    grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
     """'num_loss_tokens' (mean over completion tokens, DAPO's token-level mean),
     'num_sequences' or 'none'."""
     off_policy: bool = False
@@ -126,9 +133,6 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.loss not in (*RL_LOSSES, *BUILTIN_RL_LOSSES):
-        raise ConfigError(f"loss={config.loss!r}: expected one of "
-                          f"{', '.join((*RL_LOSSES, *BUILTIN_RL_LOSSES))}")
     if config.loss in BUILTIN_RL_LOSSES and config.kl_beta > 0:
         raise ConfigError(f"loss={config.loss!r} is the trainer's built-in loss, which has no "
                           f"KL term: set kl_beta=0, or use loss=grpo/dapo/gspo/cispo")
@@ -291,7 +295,7 @@ def train_on(client: TrainingClient, run: ResumableRun, batch: RolloutBatch, ste
         fwd_bwd = client.forward_backward_custom(
             datums, rl_objective(config, on_policy, ref_logprobs)).result()
     optim = client.optim_step(run.adam_params(step), grad_accumulation_normalization=(
-        GradAccNormalization(config.grad_accumulation_normalization))).result()
+        config.grad_accumulation_normalization)).result()
     elapsed = time.perf_counter() - t0
     num_tokens = sum(d.model_input.length for d in datums)
     loss_tokens = fwd_bwd.metrics["num_loss_tokens"]

@@ -22,6 +22,7 @@ from training.sdk import GradAccNormalization
 from training.sdk.tiny_model import SAMPLE_CHATS_PATH
 from training.utils.config import TrainConfig, validate_common
 from training.utils.data import (
+    LongRowPolicy,
     SupervisedDataset,
     build_sft_examples,
     example_to_datum,
@@ -37,9 +38,9 @@ class Config(TrainConfig):
     dataset: str = str(SAMPLE_CHATS_PATH)
     """Chat data: a JSONL file in the OpenAI chat format, or any `datasets` source (a
     save_to_disk directory, a parquet/csv/json file, a hub name). Default: bundled sample."""
-    long_row_policy: str = "drop"
+    long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Rows over max_seq_len: 'drop' (counted), 'truncate' or 'error' (names file:line)."""
-    grad_accumulation_normalization: str = "num_loss_tokens"
+    grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
     """'num_loss_tokens' (mean over trained tokens), 'num_sequences' or 'none'."""
 
 
@@ -65,12 +66,12 @@ def main(config: Config) -> RunResult:
         client = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
 
         # ---- training loop: one optimizer step per batch of conversations
-        normalization = GradAccNormalization(config.grad_accumulation_normalization)
         for batch in run.batches():
             datums = [example_to_datum(example) for example in batch]
             fwd_bwd = client.forward_backward(datums, "cross_entropy").result()
             optim = client.optim_step(run.adam_params(),
-                                      grad_accumulation_normalization=normalization).result()
+                                      grad_accumulation_normalization=(
+                                          config.grad_accumulation_normalization)).result()
             loss_tokens = fwd_bwd.metrics["num_loss_tokens"]
             run.end_step({"loss": fwd_bwd.metrics["loss:sum"] / max(loss_tokens, 1),
                           "num_loss_tokens": loss_tokens},

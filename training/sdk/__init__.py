@@ -43,8 +43,10 @@ from training.sdk.types import (
     ForwardBackwardOutput,
     GradAccNormalization,
     LoadStateResponse,
+    MixedPrecision,
     ModelInput,
     OptimStepResponse,
+    Pooling,
     SampledSequence,
     SampleResponse,
     SamplingParams,
@@ -69,6 +71,6 @@ __all__ = [
     "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
     "NonFiniteWeightsError", "TensorData", "TrainingClient", "TrainingUsageError",
-    "datum_from_model_input_weights",
+    "datum_from_model_input_weights", "MixedPrecision", "Pooling",
     "validate_output_model_id",
 ]

@@ -39,6 +39,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from training.sdk.choices import Choice
 from training.sdk.hf_quiet import progress_bars_disabled
 from training.sdk.models import load_causal_lm, load_tokenizer, model_source
 from training.sdk.routing import capture_routing, moe_routers
@@ -512,6 +513,17 @@ class Deployment:
         return self.engine
 
 
+class Engine(Choice):
+    """The inference engine of a deployment."""
+
+    auto = "auto"
+    """vLLM when :func:`vllm_available`, else transformers."""
+    transformers = "transformers"
+    """In-process ``transformers`` generation (any device)."""
+    vllm = "vllm"
+    """vLLM in this process (needs the ``vllm`` package and a CUDA GPU)."""
+
+
 class DeploymentManager:
     """Creates, finds, scales, deletes and hot-loads in-process deployments over one store.
 
@@ -525,14 +537,12 @@ class DeploymentManager:
     """
 
     def __init__(self, store: CheckpointStore | str | None = None, *, device: str = "auto",
-                 engine: str = "auto", dtype: str = "auto") -> None:
+                 engine: Engine | str = "auto", dtype: str = "auto") -> None:
         self.store = store if isinstance(store, CheckpointStore) else CheckpointStore(store)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if engine not in ("auto", "transformers", "vllm"):
-            raise ValueError(f"engine={engine!r}: expected 'auto', 'transformers' or 'vllm'")
-        self.engine = engine
+        self.engine = Engine.parse(engine, "engine")
         if dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -614,14 +624,13 @@ class DeploymentManager:
         with deployment._lock:
             self._stop(deployment, "DELETED")
 
-    def _engine_kind(self, engine: str) -> str:
-        if engine == "auto":
-            return "vllm" if vllm_available() else "transformers"
-        if engine == "vllm" and not vllm_available():
+    def _engine_kind(self, engine: Engine | str) -> Engine:
+        engine = Engine.parse(engine, "engine")
+        if engine == Engine.auto:
+            return Engine.vllm if vllm_available() else Engine.transformers
+        if engine == Engine.vllm and not vllm_available():
             raise DeploymentError("engine='vllm' needs the 'vllm' package (pip install "
                                   "'homefire[vllm]') and a CUDA GPU; use engine='transformers'")
-        if engine not in ("transformers", "vllm"):
-            raise ValueError(f"engine={engine!r}: expected 'auto', 'transformers' or 'vllm'")
         return engine
 
     def _start(self, deployment: Deployment) -> None:

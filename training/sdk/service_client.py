@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from training.sdk import distributed
+from training.sdk.choices import Choice
 from training.sdk.deployments import DeploymentManager
 from training.sdk.lora import apply_lora, lora_targets
 from training.sdk.models import load_causal_lm, load_shared_base, load_tokenizer, model_source
@@ -25,6 +26,16 @@ from training.sdk.store import CheckpointStore, parse_checkpoint_ref
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
+
+
+class DeploymentCleanup(Choice):
+    """What :meth:`ServiceClient.close` does to the managed deployment
+    (``cleanup_deployment_on_close``; None leaves it running)."""
+
+    scale_to_zero = "scale_to_zero"
+    """Stop serving but keep the deployment (it starts again on the next use)."""
+    delete = "delete"
+    """Remove it."""
 
 
 class ServiceClient:
@@ -368,9 +379,9 @@ class ServiceClient:
         # Hosted-only settings: nothing to connect to or provision locally.
         del api_key, base_url, inference_url, training_shape_id, reference_training_shape_id
         del deployment_shape, trainer_replica_count, cleanup_reference_trainer_on_close
-        if cleanup_deployment_on_close not in (None, "scale_to_zero", "delete"):
-            raise ValueError(f"cleanup_deployment_on_close={cleanup_deployment_on_close!r}: "
-                             f"expected 'scale_to_zero', 'delete' or None")
+        if cleanup_deployment_on_close is not None:
+            cleanup_deployment_on_close = DeploymentCleanup.parse(
+                cleanup_deployment_on_close, "cleanup_deployment_on_close")
         service = cls(storage_root, device=device, mixed_precision=mixed_precision,
                       sampler_dtype=sampler_dtype, delta_encoding=delta_encoding,
                       deploy_mgr=deploy_mgr, deployment_id=deployment_id)

@@ -77,6 +77,7 @@ import xxhash
 import zstandard
 from safetensors.torch import load_file
 
+from training.sdk.choices import Choice
 from training.sdk.store import (
     DELTA_MANIFEST_FILE,
     TINKER_SCHEME,
@@ -110,6 +111,15 @@ DELTA_ENCODINGS = {"xor": ("xor-symbols", "xor"), "ulp": ("ternary", "dense")}
 (``unchanged`` is implicit): ``xor`` (the default) stores ``new XOR reference``; ``ulp`` stores
 the move of each element, 20-25% smaller (see the module docstring)."""
 DEFAULT_DELTA_ENCODING = "xor"
+
+
+class SnapshotType(Choice):
+    """A sampler snapshot's ``checkpoint_type``."""
+
+    base = "base"
+    """Full weights: loads on its own."""
+    delta = "delta"
+    """The change since the chain's base (or the previous delta): small, loads onto it."""
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,

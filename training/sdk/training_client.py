@@ -52,6 +52,7 @@ from training.sdk.routing import capture_routing, moe_routers, replay_routing
 from training.sdk.snapshots import (
     DEFAULT_DELTA_ENCODING,
     DELTA_ENCODINGS,
+    SnapshotType,
     encode_delta,
     make_snapshot_identity,
     sampler_weights,
@@ -72,7 +73,9 @@ from training.sdk.types import (
     ForwardBackwardOutput,
     GradAccNormalization,
     LoadStateResponse,
+    MixedPrecision,
     OptimStepResponse,
+    Pooling,
     SaveSamplerResult,
     SaveStateResponse,
     TensorData,
@@ -193,14 +196,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+def resolve_autocast_dtype(mixed_precision: MixedPrecision | str,
+                           device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the hardware runs it natively (``"auto"``), always, or never."""
-    if mixed_precision in ("no", "fp32", "none"):
+    mixed_precision = MixedPrecision.parse(mixed_precision, "mixed_precision")
+    if mixed_precision == MixedPrecision.no:
         return None
-    if mixed_precision == "bf16":
+    if mixed_precision == MixedPrecision.bf16:
         return torch.bfloat16
-    if mixed_precision != "auto":
-        raise ValueError(f"mixed_precision={mixed_precision!r}: expected 'auto', 'bf16' or 'no'")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     # Without native bf16 (AVX-512 BF16 / AMX) the CPU emulates it and autocast is slower.
@@ -523,7 +526,7 @@ class TrainingClient(AwaitableSelf):
         pooled = []
         for row, offset, length in batch.placements:
             span = hidden[row, offset:offset + length].float()
-            pooled.append(span.mean(dim=0) if pooling == "mean" else span[-1])
+            pooled.append(span.mean(dim=0) if pooling == Pooling.mean else span[-1])
         return pooled
 
     def _pack(self, inputs: list[list[int]], targets: list[torch.Tensor]) -> PackedBatch:
@@ -616,8 +619,7 @@ class TrainingClient(AwaitableSelf):
         self._check_trainable("forward_backward_custom")
         if output not in ("logprobs", "embedding"):
             raise ValueError(f"output={output!r}: expected 'logprobs' or 'embedding'")
-        if pooling not in ("mean", "last"):
-            raise ValueError(f"pooling={pooling!r}: expected 'mean' or 'last'")
+        pooling = Pooling.parse(pooling, "pooling")
         datums = [as_datum(d) for d in data]
         if output == "embedding":
             values, anchor = self._embeddings(datums, pooling)
@@ -995,9 +997,8 @@ class TrainingClient(AwaitableSelf):
                 this session.
             StoreError: the snapshot could not be written.
         """
-        if checkpoint_type not in (None, "base", "delta"):
-            raise ValueError(f"checkpoint_type={checkpoint_type!r}: expected 'base', 'delta' or "
-                             f"None (base first, then deltas)")
+        if checkpoint_type is not None:
+            checkpoint_type = SnapshotType.parse(checkpoint_type, "checkpoint_type")
         if self.job.lora_rank > 0:
             checkpoint_type = "base"  # adapters are small and standalone: no delta chain
         chain = self._sampler_chain

@@ -9,13 +9,14 @@ the ``as_*`` functions below convert them (by their fields, without importing ``
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from training.sdk.choices import Choice
 
 LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
 """Names of the built-in losses accepted by ``forward`` / ``forward_backward`` (Tinker's; see
@@ -254,15 +255,48 @@ def as_adam_params(value: Any) -> AdamParams:
     return AdamParams(**{n: float(getattr(value, n)) for n in names if hasattr(value, n)})
 
 
-class GradAccNormalization(str, enum.Enum):
-    """How ``optim_step`` normalizes gradients accumulated over ``forward_backward`` calls."""
+class GradAccNormalization(Choice):
+    """How ``optim_step`` normalizes gradients accumulated over ``forward_backward`` calls.
 
-    NUM_LOSS_TOKENS = "num_loss_tokens"
+    The hosted SDK's upper-case names (``GradAccNormalization.NUM_LOSS_TOKENS``) are aliases
+    of the lower-case members that the command line parses."""
+
+    num_loss_tokens = "num_loss_tokens"
     """Divide by the number of positions with non-zero weight since the last step."""
-    NUM_SEQUENCES = "num_sequences"
+    num_sequences = "num_sequences"
     """Divide by the number of datums since the last step."""
-    NONE = "none"
+    none = "none"
     """Raw gradient sum (the built-in losses are sums over positions)."""
+    NUM_LOSS_TOKENS = "num_loss_tokens"
+    NUM_SEQUENCES = "num_sequences"
+    NONE = "none"
+
+
+class MixedPrecision(Choice):
+    """The compute dtype of forward and backward (``mixed_precision``); master weights and
+    optimizer state stay fp32 either way."""
+
+    auto = "auto"
+    """bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX-512
+    BF16 / AMX), else fp32."""
+    bf16 = "bf16"
+    """bf16 autocast always."""
+    no = "no"
+    """fp32 throughout (also spelled ``fp32`` or ``none``)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> MixedPrecision | None:
+        return cls.no if value in ("fp32", "none") else None
+
+
+class Pooling(Choice):
+    """How ``forward_backward_custom(output="embedding")`` pools a datum's final hidden
+    states into one embedding."""
+
+    mean = "mean"
+    """The average over the datum's tokens."""
+    last = "last"
+    """The last token's (for causal models the one that has seen the whole sequence)."""
 
 
 @dataclass

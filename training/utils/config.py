@@ -14,7 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.sdk.choices import Choice
+from training.sdk.types import MixedPrecision
+from training.utils.lr_schedule import LRSchedule
+
 logger = logging.getLogger(__name__)
+
+
+class NonFinitePolicy(Choice):
+    """What a run does after a step whose loss or gradient norm is NaN or infinite (its update
+    is never applied either way)."""
+
+    error = "error"
+    """Stop, naming the step and the last good checkpoint."""
+    skip = "skip"
+    """Go on with the next batch, up to ``max_non_finite_steps`` such steps in a row."""
 
 
 class ConfigError(ValueError):
@@ -30,7 +44,7 @@ class InfraConfig:
     promoted models). Default: ``$HOMEFIRE_STORAGE_ROOT`` or ``~/.cache/homefire/store``."""
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """``auto`` (bf16 autocast where the hardware is native), ``bf16`` or ``no``; master weights
     and optimizer state stay fp32."""
     num_threads: int | None = None
@@ -82,7 +96,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak learning rate. 1e-3 suits the tiny demo model; use ~1e-5 for billion-parameter
     full fine-tuning."""
-    lr_schedule: str = "linear"
+    lr_schedule: LRSchedule = LRSchedule.linear
     """'constant', 'linear' or 'cosine' decay after warm-up."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
@@ -96,7 +110,7 @@ class TrainConfig:
     """Decoupled (AdamW) weight decay."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm (0 = off)."""
-    non_finite_policy: str = "error"
+    non_finite_policy: NonFinitePolicy = NonFinitePolicy.error
     """A step whose loss or gradient norm is NaN/infinite never updates the weights; then
     'error' stops the run naming the step and the last good checkpoint (nothing is saved after
     it), 'skip' goes on to the next batch (counted as skipped_non_finite in metrics.jsonl) and
@@ -177,36 +191,9 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"dcp_save_interval must be >= 0 (0 = off), got "
                           f"{config.dcp_save_interval}")
     _check_optimizer_fields(config)
-    policy = getattr(config, "non_finite_policy", "error")
-    if policy not in NON_FINITE_POLICIES:
-        raise ConfigError(f"non_finite_policy={policy!r}: expected one of "
-                          f"{', '.join(NON_FINITE_POLICIES)}")
     if getattr(config, "max_non_finite_steps", 1) < 1:
         raise ConfigError(f"max_non_finite_steps must be >= 1, got "
                           f"{config.max_non_finite_steps}")
-    # Fields several (not all) recipes have: checked here once, when present.
-    long_row_policy = getattr(config, "long_row_policy", None)
-    if long_row_policy is not None:
-        from training.utils.data import LONG_ROW_POLICIES
-
-        if long_row_policy not in LONG_ROW_POLICIES:
-            raise ConfigError(f"long_row_policy={long_row_policy!r}: expected one of "
-                              f"{', '.join(LONG_ROW_POLICIES)}")
-    normalization = getattr(config, "grad_accumulation_normalization", None)
-    if normalization is not None:
-        from training.sdk.types import GradAccNormalization
-
-        choices = [m.value for m in GradAccNormalization]
-        if normalization not in choices:
-            raise ConfigError(f"grad_accumulation_normalization={normalization!r}: expected one "
-                              f"of {', '.join(choices)}")
-    schedule = getattr(config, "lr_schedule", None)
-    if schedule is not None:
-        from training.utils.lr_schedule import LR_SCHEDULES
-
-        if schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule={schedule!r}: expected one of "
-                              f"{', '.join(LR_SCHEDULES)}")
     init = getattr(config, "init_from_checkpoint", None)
     if init is not None:
         from training.sdk.store import validate_name
@@ -248,7 +235,7 @@ def _check_infra(infra: Any) -> None:
                           f"'cuda:N'")
 
 
-NON_FINITE_POLICIES = ("error", "skip")
+NON_FINITE_POLICIES = NonFinitePolicy.values()
 """Values of ``non_finite_policy``."""
 
 TRAJECTORY_FIELDS = (
@@ -298,9 +285,11 @@ def check_field_types(config: Any, prefix: str = "") -> None:
     """Refuse a field whose value is not of its annotated type (``batch_size="8"``).
 
     The command line gets this from Hydra; this covers configs built in Python. Checks fields
-    annotated with ``bool``/``int``/``float``/``str`` (optionally ``| None``) and recurses into
-    nested config dataclasses; other annotations are left to the recipe. An int is accepted for
-    a float field; a bool is never accepted for a number.
+    annotated with ``bool``/``int``/``float``/``str`` or a :class:`Choice` (optionally
+    ``| None``) and recurses into nested config dataclasses; other annotations are left to the
+    recipe. An int is accepted for a float field; a bool is never accepted for a number. A
+    choice field given as its string is set to the member; another string is refused with the
+    choices.
     """
     try:
         hints = typing.get_type_hints(type(config))
@@ -322,11 +311,18 @@ def check_field_types(config: Any, prefix: str = "") -> None:
         args = typing.get_args(hint)
         optional = type(None) in args
         allowed = [a for a in args if a is not type(None)] if args else [hint]
+        if value is None and optional:
+            continue
+        if len(allowed) == 1 and isinstance(allowed[0], type) and issubclass(allowed[0], Choice):
+            # A closed set: the member, or its string from a config built in Python.
+            try:
+                setattr(config, f.name, allowed[0].parse(value, name))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            continue
         if len(allowed) != 1 or allowed[0] not in _SIMPLE_TYPES:
             continue
         expected = allowed[0]
-        if value is None and optional:
-            continue
         ok = (isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
               or expected is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:

@@ -36,6 +36,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
+from training.sdk.choices import Choice
 from training.sdk.types import Datum, ModelInput, TensorData
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,18 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 """Message roles accepted in ``messages``."""
 
-LONG_ROW_POLICIES = ("drop", "truncate", "error")
-"""Values of ``long_row_policy``: what :func:`build_sft_examples` does with a row longer than
-``max_seq_len`` tokens."""
+class LongRowPolicy(Choice):
+    """What happens to a row longer than ``max_seq_len`` tokens (``long_row_policy``)."""
+
+    drop = "drop"
+    """Leave it out (counted in the data summary)."""
+    truncate = "truncate"
+    """Keep its first ``max_seq_len`` tokens."""
+    error = "error"
+    """Stop with an error naming the file and line."""
+
+
+LONG_ROW_POLICIES = LongRowPolicy.values()
 
 _JSON_LINES_SUFFIXES = (".jsonl", ".json")
 # Local files handed to `datasets.load_dataset(<builder>, data_files=...)`.

@@ -22,8 +22,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-"""Values of ``loss_type`` for :func:`dpo_loss`."""
+from training.sdk.choices import Choice
+
+
+class DPOLossType(Choice):
+    """The DPO objective (``loss_type``) of :func:`dpo_loss`."""
+
+    sigmoid = "sigmoid"
+    """The DPO paper's ``-log sigmoid(beta * margin)``."""
+    ipo = "ipo"
+    """IPO: ``(margin - 1 / (2 beta))^2``, which does not push the margin to infinity."""
+    hinge = "hinge"
+    """SLiC's ``max(0, 1 - beta * margin)``."""
+
+
+DPO_LOSS_TYPES = DPOLossType.values()
 
 # ORPO takes log(1 - p) of an average token probability p = exp(avg_logp); p rounds to 1 (and
 # the log to -inf) once avg_logp is within float32 epsilon of 0. Capping avg_logp keeps the

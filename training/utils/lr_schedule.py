@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import math
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
+from training.sdk.choices import Choice
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, schedule: str = "linear",
+class LRSchedule(Choice):
+    """How the learning rate moves after warm-up (``lr_schedule``)."""
+
+    constant = "constant"
+    """The base learning rate throughout."""
+    linear = "linear"
+    """Linear decay to ``base_lr * min_lr_ratio`` at the last step."""
+    cosine = "cosine"
+    """Cosine decay to ``base_lr * min_lr_ratio`` at the last step."""
+
+
+LR_SCHEDULES = LRSchedule.values()
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, schedule: LRSchedule | str = "linear",
           warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
     """The learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
     Linear warm-up from ``base_lr / warmup_steps`` over ``warmup_steps``, then ``constant``,
     ``linear`` decay or ``cosine`` decay down to ``base_lr * min_lr_ratio`` at the last step.
     """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    schedule = LRSchedule.parse(schedule, "lr_schedule")
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":

@@ -55,8 +55,31 @@ from dataclasses import dataclass
 
 import torch
 
+from training.sdk.choices import Choice
+
+
+class RLLoss(Choice):
+    """The RL objective (``rl_loop``'s ``loss``): formulas in this module's docstring."""
+
+    grpo = "grpo"
+    """PPO-style clipped ratio per token, group-normalized advantages."""
+    dapo = "dapo"
+    """GRPO with DAPO's decoupled, asymmetric clip."""
+    gspo = "gspo"
+    """A sequence-level (length-normalized) importance ratio, clipped."""
+    cispo = "cispo"
+    """The clipped, stop-gradient IS weight times ``log pi``."""
+    importance_sampling = "importance_sampling"
+    """Unclipped importance sampling (Tinker's built-in of that name)."""
+    ppo = "ppo"
+    """Tinker's built-in ``ppo`` loss, run by the training client."""
+    dro = "dro"
+    """Tinker's built-in ``dro`` loss (``dro_beta``), run by the training client."""
+
+
 RL_LOSSES = ("grpo", "dapo", "gspo", "cispo", "importance_sampling")
-"""Values of ``loss`` for :func:`policy_loss`."""
+"""Values of ``loss`` that :func:`policy_loss` computes (``ppo`` and ``dro`` are the training
+client's built-ins)."""
 
 DEFAULT_CLIP: dict[str, tuple[float, float]] = {
     "grpo": (0.2, 0.2),
