@@ -15,7 +15,6 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 if importlib.util.find_spec("training") is None:
     # Run from a checkout without `pip install -e .`: the package lives next to scripts/.
@@ -27,6 +26,7 @@ from training.utils.checkpoints import (  # noqa: E402
     CHECKPOINTS_FILE,
     RUN_FILE,
     CheckpointLog,
+    CheckpointRow,
     read_run_identity,
 )
 from training.utils.config import ConfigError  # noqa: E402
@@ -35,10 +35,10 @@ from training.utils.metrics import read_metrics  # noqa: E402
 EXIT_NO_RUN = 2
 
 
-def _kind(row: dict[str, Any]) -> str:
-    if row.get("state_deleted"):
-        return f"STATE (deleted by {row['state_deleted']})"
-    state, sampler = bool(row.get("state_path")), bool(row.get("sampler_path"))
+def _kind(row: CheckpointRow) -> str:
+    if row.state_deleted:
+        return f"STATE (deleted by {row.state_deleted})"
+    state, sampler = bool(row.state_path), bool(row.sampler_path)
     return {(True, True): "BOTH", (True, False): "STATE", (False, True): "SAMPLER"}.get(
         (state, sampler), "?")
 
@@ -68,7 +68,7 @@ def describe(log_path: Path, storage_root: str | None = None) -> list[str]:
     torn = log.path.exists() and len(log.path.read_bytes().splitlines()) > len(rows)
     metrics = read_metrics(log_path)
     total = run.get("total_steps")
-    job = run.get("job_id") or (rows[-1]["source_job_id"] if rows else None)
+    job = run.get("job_id") or (rows[-1].source_job_id if rows else None)
 
     lines = [f"Run {log_path}",
              f"  recipe {run.get('recipe', '?')}, base model {run.get('base_model', '?')}, "
@@ -76,23 +76,23 @@ def describe(log_path: Path, storage_root: str | None = None) -> list[str]:
              f"  store {root or '?'}{'' if store is not None or not root else ' (NOT FOUND)'}"]
     last_metric = metrics[-1]["step"] if metrics else 0
     resume = log.last_resumable()
-    lines.append(f"Steps: {resume['step'] if resume else 0} checkpointed of "
+    lines.append(f"Steps: {resume.step if resume else 0} checkpointed of "
                  f"{total if total is not None else '?'} (metrics through step {last_metric})")
 
     promoted = _promoted(store, job)
     lines.append(f"Checkpoints ({log.path}):" if rows else f"Checkpoints: none in {log.path}")
     for row in rows:
         status = []
-        if row.get("state_path") and store is not None:
-            state_dir = store.state_dir(row["source_job_id"], row["name"])
+        if row.state_path and store is not None:
+            state_dir = store.state_dir(row.source_job_id, row.name)
             status.append(f"state {_entry_status(store, state_dir)}")
-        if row.get("sampler_path") and store is not None:
-            sampler_dir = store.sampler_dir(row["source_job_id"], row["sampler_path"])
-            status.append(f"sampler {row['sampler_path']} {_entry_status(store, sampler_dir)}")
-        models = promoted.get(row.get("sampler_path") or "", [])
+        if row.sampler_path and store is not None:
+            sampler_dir = store.sampler_dir(row.source_job_id, row.sampler_path)
+            status.append(f"sampler {row.sampler_path} {_entry_status(store, sampler_dir)}")
+        models = promoted.get(row.sampler_path or "", [])
         if models:
             status.append(f"promoted as {', '.join(models)}")
-        lines.append(f"  {row['name']:<12} step {row['step']:<6} {_kind(row):<28} "
+        lines.append(f"  {row.name:<12} step {row.step:<6} {_kind(row):<28} "
                      f"{'; '.join(status)}".rstrip())
     if torn:
         lines.append(f"  (last line of {log.path} is torn by a crash; the next save repairs it)")
@@ -104,30 +104,30 @@ def describe(log_path: Path, storage_root: str | None = None) -> list[str]:
                          f"the next run): {names}")
 
     lines.append(f"Next: {_next_action(log, resume, total)}")
-    promotable = [r for r in rows if r.get("sampler_path")]
+    promotable = [r for r in rows if r.promotable]
     if promotable:
         latest = promotable[-1]
-        steps = ", ".join(f"step {r['step']}" for r in promotable)
+        steps = ", ".join(f"step {r.step}" for r in promotable)
         lines.append(f"Promotable: {steps}; "
                      f"promote the latest with: python scripts/promote_checkpoint.py "
-                     f"--checkpoints-jsonl {log.path} --step {latest['step']}")
+                     f"--checkpoints-jsonl {log.path} --step {latest.step}")
     else:
         lines.append("Promotable: nothing yet (the final checkpoint of a run is; STATE "
                      "checkpoints are for resuming only)")
     return lines
 
 
-def _next_action(log: CheckpointLog, resume: dict[str, Any] | None, total: int | None) -> str:
+def _next_action(log: CheckpointLog, resume: CheckpointRow | None, total: int | None) -> str:
     if resume is None:
         return ("a rerun starts from step 0 (no resumable checkpoint; set dcp_save_interval to "
                 "save some)")
-    where = f"{resume['name']} (step {resume['step']}, {resume['data_consumed']} examples)"
-    if total is not None and resume["step"] >= total:
-        if log.latest_promotable(resume["step"]) is not None:
+    where = f"{resume.name} (step {resume.step}, {resume.data_consumed} examples)"
+    if total is not None and resume.step >= total:
+        if log.latest_promotable(resume.step) is not None:
             return ("the run is complete: a rerun changes nothing (it promotes the final "
                     "checkpoint if output_model_id is set and that was interrupted)")
         return f"a rerun resumes from {where} and makes the final (BOTH) save"
-    return (f"a rerun resumes from {where} and trains steps {resume['step'] + 1}-"
+    return (f"a rerun resumes from {where} and trains steps {resume.step + 1}-"
             f"{total if total is not None else '?'}")
 
 
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json:
             print(json.dumps({"run": read_run_identity(args.log_path),
-                              "checkpoints": CheckpointLog(args.log_path).rows()}, indent=2))
+                              "checkpoints": [row.to_dict() for row in
+                                              CheckpointLog(args.log_path).rows()]}, indent=2))
             return 0
         print("\n".join(describe(args.log_path, args.storage_root)))
     except (FileNotFoundError, ConfigError) as e:

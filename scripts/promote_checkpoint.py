@@ -35,6 +35,8 @@ if importlib.util.find_spec("training") is None:
     # Run from a checkout without `pip install -e .`: the package lives next to scripts/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.utils.checkpoints import CheckpointRow  # noqa: E402 (after the path set-up)
+
 EXIT_BAD_INPUT = 2
 RUN_FILE = "run.json"
 """Written by the recipes beside ``checkpoints.jsonl``; its ``storage_root`` locates the store."""
@@ -47,24 +49,24 @@ class PromoteInputError(Exception):
 
 
 @dataclass
-class CheckpointRow:
+class LocatedRow:
     """One parsed row of ``checkpoints.jsonl`` and where it came from (for messages)."""
 
-    fields: dict[str, Any]
+    row: CheckpointRow
     where: str
     """``path:line``."""
 
     @property
     def step(self) -> Any:
         """``step`` (homefire's rows), else ``batch`` (tinker-cookbook's rows)."""
-        return self.fields.get("step", self.fields.get("batch"))
+        return self.row.step if self.row.step is not None else self.row.extra.get("batch")
 
     @property
     def sampler_path(self) -> str | None:
-        return self.fields.get("sampler_path") or None
+        return self.row.sampler_path or None
 
 
-def read_checkpoint_rows(path: Path) -> list[CheckpointRow]:
+def read_checkpoint_rows(path: Path) -> list[LocatedRow]:
     """The rows of ``checkpoints.jsonl`` in file order (the order the saves completed).
 
     A torn last line is skipped with a warning: rows are appended after each save completes, so
@@ -94,11 +96,11 @@ def read_checkpoint_rows(path: Path) -> list[CheckpointRow]:
         if not isinstance(fields, dict):
             raise PromoteInputError(f"{where} is a JSON {type(fields).__name__}, not an object "
                                     f"with 'name', 'step', 'sampler_path', ... fields")
-        rows.append(CheckpointRow(fields, where))
+        rows.append(LocatedRow(CheckpointRow.from_dict(fields), where))
     return rows
 
 
-def select_row(rows: list[CheckpointRow], step: int | None, path: Path) -> CheckpointRow:
+def select_row(rows: list[LocatedRow], step: int | None, path: Path) -> LocatedRow:
     """The row to promote: the latest with a ``sampler_path``, or the one of ``step``."""
     promotable = [row for row in rows if row.sampler_path]
     promotable_steps = ", ".join(str(row.step) for row in promotable) or "none"
@@ -126,7 +128,7 @@ def select_row(rows: list[CheckpointRow], step: int | None, path: Path) -> Check
     return with_sampler[-1]
 
 
-def default_output_model_id(log_dir: Path, row: CheckpointRow) -> str:
+def default_output_model_id(log_dir: Path, row: LocatedRow) -> str:
     """``<log dir name>-step-<step>``, lowercased and cut to a valid model id."""
     suffix = f"step-{row.step}" if isinstance(row.step, int) else str(row.sampler_path)
     suffix = _sanitize(suffix)
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 def _promote(args: argparse.Namespace) -> int:
     jsonl_path: Path = args.checkpoints_jsonl
     row = select_row(read_checkpoint_rows(jsonl_path), args.step, jsonl_path)
-    job_id = row.fields.get("source_job_id")
+    job_id = row.row.source_job_id
     sampler_path = row.sampler_path
     if isinstance(sampler_path, str) and sampler_path.startswith("tinker://"):
         # A row written by a tinker client (tinker-cookbook) through the trainer server.
@@ -238,7 +240,7 @@ def _promote(args: argparse.Namespace) -> int:
         name = registry.checkpoint_name(job_id, sampler_path)
         print(f"promoting step {row.step}: {name} ({row.where})")
         model = registry.promote_checkpoint(name=name, output_model_id=output_model_id,
-                                            base_model=row.fields.get("base_model"),
+                                            base_model=row.row.base_model,
                                             merge=args.merge)
     except (RegistryError, StoreError, ValueError) as e:
         raise PromoteInputError(str(e)) from e

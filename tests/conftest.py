@@ -53,10 +53,10 @@ def make_client(store_root: str, tiny_model_dir: Path):
 
 
 def checkpoint_rows(log_path: str | Path) -> list[dict]:
-    """The rows of ``{log_path}/checkpoints.jsonl``."""
+    """The rows of ``{log_path}/checkpoints.jsonl``, as the JSON objects of its lines."""
     from training.utils.checkpoints import CheckpointLog
 
-    return CheckpointLog(log_path).rows()
+    return [row.to_dict() for row in CheckpointLog(log_path).rows()]
 
 
 def final_sampler_weights(base: str | Path, log_path: str | Path) -> dict:

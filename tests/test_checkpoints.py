@@ -23,17 +23,17 @@ def test_torn_last_line_is_ignored_then_repaired(tmp_path):
     log.append(ROW)
     with open(log.path, "ab") as f:
         f.write(b'{"name": "step-2", "st')  # a crash in the middle of an append
-    assert log.rows() == [ROW]
+    assert [r.to_dict() for r in log.rows()] == [ROW]
     row2 = {**ROW, "name": "step-3", "step": 3}
     log.append(row2)
-    assert log.rows() == [ROW, row2]
+    assert [r.to_dict() for r in log.rows()] == [ROW, row2]
     assert log.path.read_text().count("\n") == 2
 
 
 def test_complete_last_line_without_newline_is_kept(tmp_path):
     log = CheckpointLog(tmp_path)
     log.path.write_text(json.dumps(ROW))
-    assert log.rows() == [ROW]
+    assert [r.to_dict() for r in log.rows()] == [ROW]
     log.append({**ROW, "step": 2})
     assert [r["step"] for r in log.rows()] == [1, 2]
 
@@ -52,8 +52,8 @@ def test_last_resumable_and_latest_promotable(tmp_path):
     sampler_only = {"name": "s", "step": 2, "data_consumed": 8, "sampler_path": "s-1234abcd",
                     "source_job_id": "j", "base_model": "m"}
     log.append(sampler_only)
-    assert log.last_resumable() == ROW
-    assert log.latest_promotable() == sampler_only
+    assert log.last_resumable().to_dict() == ROW
+    assert log.latest_promotable().to_dict() == sampler_only
     assert log.latest_promotable(step=1) is None
 
 
@@ -123,3 +123,22 @@ def test_lr_schedules():
     assert lr_at(10, 10, 1.0, "linear", min_lr_ratio=0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr_schedule='step'"):
         lr_at(0, 10, 1.0, "step")
+
+
+def test_checkpoint_row_round_trips_and_keeps_unknown_keys(tmp_path):
+    from training.utils.checkpoints import CheckpointRow
+
+    cookbook = {"name": "000008", "batch": 8, "state_path": "tinker://r/weights/000008",
+                "loop_state": {"epoch": 1}}
+    row = CheckpointRow.from_dict(cookbook)
+    assert (row.name, row.step, row.state_path) == ("000008", None, cookbook["state_path"])
+    assert row.extra == {"batch": 8, "loop_state": {"epoch": 1}} and row.resumable
+    assert row.to_dict() == cookbook and row["batch"] == 8 and "sampler_path" not in row
+    log = CheckpointLog(tmp_path)
+    log.append(row)
+    log.append({**ROW, "state_corrupt": True})
+    assert [r.to_dict() for r in log.rows()] == [cookbook, {**ROW, "state_corrupt": True}]
+    assert log.last_resumable().name == "000008"  # the corrupt one is never resumed from
+    log.path.write_text(json.dumps(ROW) + "\n" + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(ConfigError, match=r"checkpoints.jsonl:2: a checkpoint row needs a 'name'"):
+        log.rows()

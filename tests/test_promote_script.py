@@ -21,6 +21,7 @@ from training.sdk import (
     TensorData,
     validate_output_model_id,
 )
+from training.utils.checkpoints import CheckpointRow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "promote_checkpoint.py"
@@ -32,7 +33,7 @@ promote_checkpoint = importlib.util.module_from_spec(_spec)
 sys.modules["promote_checkpoint"] = promote_checkpoint  # dataclasses look their module up
 _spec.loader.exec_module(promote_checkpoint)
 main = promote_checkpoint.main
-CheckpointRow = promote_checkpoint.CheckpointRow
+LocatedRow = promote_checkpoint.LocatedRow
 default_output_model_id = promote_checkpoint.default_output_model_id
 
 
@@ -155,13 +156,13 @@ def test_bad_output_model_id_and_unknown_store(run: dict, capsys) -> None:
 
 
 def test_default_output_model_id_is_valid() -> None:
-    row = CheckpointRow({"step": 50, "sampler_path": "step-50-a1b2c3d4"}, "x:1")
+    row = LocatedRow(CheckpointRow.from_dict({"step": 50, "sampler_path": "step-50-a1b2c3d4"}), "x:1")
     assert default_output_model_id(Path("/runs/My_Training Run"), row) == (
         "my-training-run-step-50")
     long_id = default_output_model_id(Path("/runs/" + "Run_" * 30), row)
     assert long_id.endswith("-step-50")
     assert validate_output_model_id(long_id) == []
-    stepless = CheckpointRow({"sampler_path": "final-a1b2c3d4"}, "x:1")
+    stepless = LocatedRow(CheckpointRow.from_dict({"sampler_path": "final-a1b2c3d4"}), "x:1")
     assert default_output_model_id(Path("/runs/__"), stepless) == "model-final-a1b2c3d4"
 
 

@@ -11,6 +11,7 @@ A rerun with the same ``log_path`` resumes from the last row that has a ``state_
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -77,7 +78,7 @@ class ResumeInfo:
     """Optimizer steps already done."""
     data_consumed: int
     """Training examples already consumed (the data cursor)."""
-    row: dict[str, Any] | None = None
+    row: CheckpointRow | None = None
     """The checkpoints.jsonl row resumed from (None for init_from_checkpoint)."""
     user_state: dict[str, Any] = field(default_factory=dict)
     """Recipe state saved with the checkpoint (beyond step, data position and RNG)."""
@@ -100,6 +101,79 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class CheckpointRow:
+    """One line of ``checkpoints.jsonl``: a completed save of the run (tinker-cookbook's
+    ``CheckpointRecord``).
+
+    A recipe's row has ``name``, ``step``, ``data_consumed``, ``state_path`` (a train state to
+    resume from) and/or ``sampler_path`` (a sampler snapshot to sample or promote),
+    ``source_job_id`` and ``base_model``; resume and retention may mark it ``state_corrupt`` or
+    ``state_deleted``. Keys it does not name (tinker-cookbook's rows, written through the
+    trainer server, have ``batch`` instead of ``step``) are kept in :attr:`extra` and written
+    back unchanged. ``row["name"]`` and ``row.get("sampler_path")`` still work for scripts
+    written against the plain dict rows.
+    """
+
+    name: str = ""
+    """The checkpoint's name (train state and snapshot are named after it)."""
+    step: int | None = None
+    """Optimizer steps done when it was saved."""
+    data_consumed: int | None = None
+    """Training examples consumed when it was saved (the data cursor)."""
+    state_path: str | None = None
+    """The train state (weights + optimizer + RNG): what a resume loads. None for a SAMPLER
+    save, or once retention deleted it."""
+    sampler_path: str | None = None
+    """The sampler snapshot's name: what promotion and sampling use. None for a STATE save."""
+    source_job_id: str | None = None
+    """The trainer job that saved it (the store's namespace of both paths)."""
+    base_model: str | None = None
+    state_corrupt: bool = False
+    """Its train state failed its checksums on load: never resumed from again."""
+    state_deleted: str | None = None
+    """Why its train state is gone (``keep_last_n``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Every other key of the line."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointRow:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the line (unset fields left out, as they were written)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "extra"}
+        out = {k: v for k, v in out.items()
+               if v is not None and not (k == "state_corrupt" and v is False)}
+        return {**out, **self.extra}
+
+    @property
+    def resumable(self) -> bool:
+        """It has a train state that may be resumed from."""
+        return bool(self.state_path) and not self.state_corrupt
+
+    @property
+    def promotable(self) -> bool:
+        """It has a sampler snapshot (promotion and sampling use it)."""
+        return bool(self.sampler_path)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+def as_checkpoint_row(row: CheckpointRow | dict[str, Any]) -> CheckpointRow:
+    return row if isinstance(row, CheckpointRow) else CheckpointRow.from_dict(row)
+
+
 class CheckpointLog:
     """Reads and appends ``{log_path}/checkpoints.jsonl``.
 
@@ -111,17 +185,17 @@ class CheckpointLog:
         self.log_path = Path(log_path)
         self.path = self.log_path / CHECKPOINTS_FILE
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[CheckpointRow]:
         if not self.path.exists():
             return []
         rows, _ = self._parse()
         return rows
 
-    def _parse(self) -> tuple[list[dict[str, Any]], int]:
+    def _parse(self) -> tuple[list[CheckpointRow], int]:
         """Rows and the byte length of the valid prefix of the file."""
         data = self.path.read_bytes()
         lines = data.split(b"\n")
-        rows: list[dict[str, Any]] = []
+        rows: list[CheckpointRow] = []
         offset = 0
         for i, raw in enumerate(lines):
             is_last = i == len(lines) - 1
@@ -139,14 +213,18 @@ class CheckpointLog:
                     return rows, offset
                 raise ConfigError(f"{self.path}:{i + 1}: corrupt checkpoint row ({e}); fix or "
                                   f"delete that line") from e
+            if not isinstance(row.get("name"), str):
+                raise ConfigError(f"{self.path}:{i + 1}: a checkpoint row needs a 'name' (the "
+                                  f"checkpoint's name), got {row.get('name')!r}; fix or delete "
+                                  f"that line")
             if is_last:
                 # A complete JSON object without its newline: the append died after the data.
                 logger.warning("%s:%d lacks its newline; repairing", self.path, i + 1)
-            rows.append(row)
+            rows.append(CheckpointRow.from_dict(row))
             offset += len(raw) + (0 if is_last else 1)
         return rows, offset
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: CheckpointRow | dict[str, Any]) -> None:
         """Append one row durably (fsync), after cutting off a torn tail left by a crash."""
         self.log_path.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -160,7 +238,7 @@ class CheckpointLog:
                     f.seek(-1, os.SEEK_END)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
-        data = json.dumps(row).encode() + b"\n"
+        data = json.dumps(as_checkpoint_row(row).to_dict()).encode() + b"\n"
         with open(self.path, "ab") as f:
             # Test hook: die with half the row written, as a crash mid-append would.
             fault_point("checkpoints.append",
@@ -169,28 +247,24 @@ class CheckpointLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+    def rewrite(self, rows: Sequence[CheckpointRow | dict[str, Any]]) -> None:
         """Replace the whole file atomically (write a temp file, fsync, rename)."""
         tmp = self.path.with_suffix(".jsonl.tmp")
         with open(tmp, "wb") as f:
-            f.write(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+            f.write(b"".join(json.dumps(as_checkpoint_row(row).to_dict()).encode() + b"\n"
+                             for row in rows))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def last_resumable(self) -> dict[str, Any] | None:
+    def last_resumable(self) -> CheckpointRow | None:
         """The last row with a ``state_path`` not marked ``state_corrupt``, or None."""
-        for row in reversed(self.rows()):
-            if row.get("state_path") and not row.get("state_corrupt"):
-                return row
-        return None
+        return next((row for row in reversed(self.rows()) if row.resumable), None)
 
-    def latest_promotable(self, step: int | None = None) -> dict[str, Any] | None:
+    def latest_promotable(self, step: int | None = None) -> CheckpointRow | None:
         """The last row with a ``sampler_path`` (at ``step`` if given), or None."""
-        for row in reversed(self.rows()):
-            if row.get("sampler_path") and (step is None or row.get("step") == step):
-                return row
-        return None
+        return next((row for row in reversed(self.rows())
+                     if row.promotable and (step is None or row.step == step)), None)
 
 
 def check_run_identity(log_path: str | os.PathLike[str], identity: dict[str, Any],
@@ -302,7 +376,7 @@ class TrainingCheckpoints:
              kind: CheckpointKind | str = CheckpointKind.STATE,
              user_state: dict[str, Any] | None = None,
              promotable: bool | None = None,
-             existing_state_path: str | None = None) -> dict[str, Any]:
+             existing_state_path: str | None = None) -> CheckpointRow:
         """Save a checkpoint of ``kind`` and append its row once it is complete.
 
         ``promotable=True`` upgrades a STATE save to BOTH (the hosted cookbook's spelling).
@@ -327,10 +401,10 @@ class TrainingCheckpoints:
         # The client runs one save at a time anyway: finish (and record) the previous first,
         # so rows stay in step order.
         self.wait()
-        row: dict[str, Any] = {"name": name, "step": step, "data_consumed": data_consumed}
+        row = CheckpointRow(name=name, step=step, data_consumed=data_consumed)
         try:
             if kind.has_state and existing_state_path is not None:
-                row["state_path"] = existing_state_path
+                row.state_path = existing_state_path
             elif kind.has_state:
                 future = self.client.save_state(name, user_state={
                     "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
@@ -338,9 +412,9 @@ class TrainingCheckpoints:
                 if not kind.has_sampler and not future.done():
                     self._in_flight.append((future, row, kind))
                     return row
-                row["state_path"] = future.result().path
+                row.state_path = future.result().path
             if kind.has_sampler:
-                row["sampler_path"] = self.client.save_weights_for_sampler_ext(
+                row.sampler_path = self.client.save_weights_for_sampler_ext(
                     name, checkpoint_type="base").snapshot_name
             self._append(row)
         except (OSError, StoreError) as e:
@@ -359,12 +433,11 @@ class TrainingCheckpoints:
         while self._in_flight and self._in_flight[0][0].done():
             future, row, kind = self._in_flight.pop(0)
             try:
-                row["state_path"] = future.result().path
+                row.state_path = future.result().path
                 self._append(row)
             except (OSError, StoreError) as e:
                 raise self._save_error(row, kind, e) from e
-            logger.info("saved checkpoint %s (%s) at step %d", row["name"], kind.value,
-                        row["step"])
+            logger.info("saved checkpoint %s (%s) at step %d", row.name, kind.value, row.step)
             appended += 1
         return appended
 
@@ -377,72 +450,71 @@ class TrainingCheckpoints:
                 break
         return self.poll()
 
-    def _append(self, row: dict[str, Any]) -> None:
-        row["source_job_id"] = self.client.job_id
-        row["base_model"] = self.client.base_model
+    def _append(self, row: CheckpointRow) -> None:
+        row.source_job_id = self.client.job_id
+        row.base_model = self.client.base_model
         if self.client.world.is_main:
             self.log.append(row)
 
-    def _save_error(self, row: dict[str, Any], kind: CheckpointKind,
+    def _save_error(self, row: CheckpointRow, kind: CheckpointKind,
                     error: BaseException) -> CheckpointSaveError:
         last = self.log.last_resumable()
-        resume = (f"rerun to resume from {last['name']} (step {last['step']})" if last
+        resume = (f"rerun to resume from {last.name} (step {last.step})" if last
                   else "rerun to start again (no resumable checkpoint yet)")
         # A StoreError is the store's (the state or snapshot files); a bare OSError is the
         # append to checkpoints.jsonl, in log_path.
         where = (f"the store ({self.client.store.root_url})" if isinstance(error, StoreError)
                  else f"log_path ({self.log.path.parent})")
         return CheckpointSaveError(
-            f"saving checkpoint {row['name']!r} (step {row['step']}, {kind.value}) of job "
+            f"saving checkpoint {row.name!r} (step {row.step}, {kind.value}) of job "
             f"{self.client.job_id} failed: {error}. It was not recorded in {self.log.path}; "
             f"earlier checkpoints are intact. Free disk space on {where} or make it writable, "
             f"then {resume}.")
 
     save_checkpoint = save
 
-    def resume(self, row: dict[str, Any] | None = None) -> ResumeInfo | None:
+    def resume(self, row: CheckpointRow | dict[str, Any] | None = None) -> ResumeInfo | None:
         """Restore weights, optimizer, step, data position and RNG from the last resumable row.
 
         Returns None when there is nothing to resume.
         """
-        row = row or self.log.last_resumable()
+        row = as_checkpoint_row(row) if row is not None else self.log.last_resumable()
         if row is None:
             return None
         try:
-            loaded = self.client.load_state_with_optimizer(row["state_path"]).result()
+            loaded = self.client.load_state_with_optimizer(row.state_path).result()
         except StateCorruptError as e:
             # Never trained on: fall back to the newest intact checkpoint before it.
-            earlier = [r for r in self.log.rows() if r.get("state_path")
-                       and not r.get("state_corrupt") and r["step"] < row["step"]]
+            earlier = [r for r in self.log.rows() if r.resumable and r.step < row.step]
             logger.warning("%s; falling back to %s", e,
-                           f"{earlier[-1]['name']} (step {earlier[-1]['step']})" if earlier
+                           f"{earlier[-1].name} (step {earlier[-1].step})" if earlier
                            else "the start of the run (no earlier checkpoint)")
             distributed.on_main(lambda: self._mark_corrupt(row))
             return self.resume(earlier[-1]) if earlier else ResumeInfo(step=0, data_consumed=0)
         except (StoreError, OSError) as e:
-            earlier = [r for r in self.log.rows() if r.get("state_path")
-                       and r["step"] < row["step"]]
-            fallback = (f"to resume from the previous checkpoint {earlier[-1]['name']} (step "
-                        f"{earlier[-1]['step']}), delete the rows after it from {self.log.path}"
+            earlier = [r for r in self.log.rows() if r.state_path and r.step < row.step]
+            fallback = (f"to resume from the previous checkpoint {earlier[-1].name} (step "
+                        f"{earlier[-1].step}), delete the rows after it from {self.log.path}"
                         if earlier else "no earlier checkpoint exists: start over with a new "
                         "log_path")
             raise CheckpointLoadError(
-                f"cannot resume from checkpoint {row['name']} (step {row['step']}, "
-                f"{row['state_path']}) recorded in {self.log.path}: {e}. Nothing was changed; "
+                f"cannot resume from checkpoint {row.name} (step {row.step}, "
+                f"{row.state_path}) recorded in {self.log.path}: {e}. Nothing was changed; "
                 f"{fallback}.") from e
         state = loaded.user_state
         if "rng" in state:
             restore_rng_state(state["rng"])
-        return ResumeInfo(step=int(state.get("step", row["step"])),
-                          data_consumed=int(state.get("data_consumed", row["data_consumed"])),
+        return ResumeInfo(step=int(state.get("step", row.step)),
+                          data_consumed=int(state.get("data_consumed", row.data_consumed)),
                           row=row, user_state=state.get("recipe", {}))
 
-    def _mark_corrupt(self, row: dict[str, Any]) -> None:
+    def _mark_corrupt(self, row: CheckpointRow) -> None:
         """Keep the row (its sampler snapshot may be fine) but never resume from it again."""
         rows = self.log.rows()
-        self.log.rewrite([{**r, "state_corrupt": True}
-                          if r.get("name") == row.get("name") and r.get("step") == row.get("step")
-                          else r for r in rows])
+        for r in rows:
+            if (r.name, r.step) == (row.name, row.step):
+                r.state_corrupt = True
+        self.log.rewrite(rows)
 
     def apply_retention(self, keep_last_n: int | None,
                         protected: set[str] | frozenset[str] = frozenset()) -> list[str]:
@@ -458,21 +530,21 @@ class TrainingCheckpoints:
             return []
         rows = self.log.rows()
         job_id = self.client.job_id
-        state_only = [r for r in rows if r.get("state_path") and not r.get("sampler_path")
-                      and r.get("source_job_id") == job_id]
-        keep = set(protected) | {r["name"] for r in rows if r.get("sampler_path")}
-        keep |= {r["name"] for r in state_only[max(len(state_only) - keep_last_n, 0):]}
+        state_only = [r for r in rows if r.state_path and not r.sampler_path
+                      and r.source_job_id == job_id]
+        keep = set(protected) | {r.name for r in rows if r.sampler_path}
+        keep |= {r.name for r in state_only[max(len(state_only) - keep_last_n, 0):]}
         last = self.log.last_resumable()
         if last is not None:
-            keep.add(last["name"])
+            keep.add(last.name)
         keep |= _promoted_checkpoint_names(self.client.store, job_id)
-        doomed = {r["name"] for r in state_only if r["name"] not in keep}
+        doomed = {r.name for r in state_only if r.name not in keep}
         if not doomed:
             return []
-        self.log.rewrite([
-            {**{k: v for k, v in r.items() if k != "state_path"}, "state_deleted": "keep_last_n"}
-            if r["name"] in doomed and r.get("state_path") and not r.get("sampler_path") else r
-            for r in rows])
+        for r in rows:
+            if r.name in doomed and r.state_path and not r.sampler_path:
+                r.state_path, r.state_deleted = None, "keep_last_n"
+        self.log.rewrite(rows)
         for name in sorted(doomed):
             self.client.store.delete(self.client.store.state_dir(job_id, name))
         logger.info("retention (keep_last_n=%d) deleted %s", keep_last_n, ", ".join(doomed))
@@ -532,5 +604,5 @@ def promote_from_log(log: CheckpointLog, store: CheckpointStore, output_model_id
                           f"kind=SAMPLER or BOTH (the final checkpoint always is)")
     registry = ModelRegistry(store, account=account)
     return registry.promote_checkpoint(
-        name=registry.checkpoint_name(row["source_job_id"], row["sampler_path"]),
-        output_model_id=output_model_id, base_model=row["base_model"], merge=merge)
+        name=registry.checkpoint_name(row.source_job_id, row.sampler_path),
+        output_model_id=output_model_id, base_model=row.base_model, merge=merge)

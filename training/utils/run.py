@@ -39,6 +39,7 @@ from training.sdk.training_client import TrainingClient, resolve_device
 from training.utils.checkpoints import (
     CheckpointKind,
     CheckpointLog,
+    CheckpointRow,
     ResumeInfo,
     TrainingCheckpoints,
     check_run_identity,
@@ -143,7 +144,7 @@ class RunResult:
 
     log_path: str
     steps: int
-    final_checkpoint: dict[str, Any] | None
+    final_checkpoint: CheckpointRow | None
     promoted_model: dict[str, Any] | None = None
     already_complete: bool = False
 
@@ -199,13 +200,13 @@ class ResumableRun:
         self.service: ServiceClient | None = None
         self.client: TrainingClient | None = None
         self.checkpoints: TrainingCheckpoints | None = None
-        self.final_row: dict[str, Any] | None = None
+        self.final_row: CheckpointRow | None = None
         self._metrics: MetricsLogger | None = None
         self._progress: Progress | None = None
         self._non_finite_in_a_row = 0
 
-    def _claim_log_path(self) -> tuple[dict[str, Any] | None, str | None,
-                                       dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
+    def _claim_log_path(self) -> tuple[CheckpointRow | None, str | None,
+                                       CheckpointRow | None, dict[str, tuple[Any, Any]]]:
         """Lock log_path, find the resume point (and the final row of a complete run) and
         check the run identity (rank 0: other ranks never read log_path)."""
         config = self.config
@@ -218,7 +219,7 @@ class ResumableRun:
                 raise ConfigError(
                     f"init_from_checkpoint={config.init_from_checkpoint!r} but "
                     f"{self.checkpoint_log.path} already has resumable checkpoints (last: "
-                    f"{resume_row['name']}). init_from_checkpoint starts a new run: use a "
+                    f"{resume_row.name}). init_from_checkpoint starts a new run: use a "
                     f"new log_path, or drop init_from_checkpoint to resume this one.")
             # Read before check_run_identity rewrites run.json for a fresh start.
             earlier_job_id = read_run_identity(self.log_path).get("job_id")
@@ -243,8 +244,8 @@ class ResumableRun:
             self._let_go()
             raise
         complete_row = None
-        if resume_row is not None and resume_row["step"] >= self.total_steps:
-            complete_row = self.checkpoint_log.latest_promotable(resume_row["step"])
+        if resume_row is not None and resume_row.step >= self.total_steps:
+            complete_row = self.checkpoint_log.latest_promotable(resume_row.step)
         return resume_row, earlier_job_id, complete_row, identity_changes
 
     def _refuse_lost_log(self, job_id: str) -> None:
@@ -279,7 +280,7 @@ class ResumableRun:
         def stop(signum: int, frame: Any) -> None:
             try:
                 last = self.checkpoint_log.last_resumable()
-                where = (f"from {last['name']} (step {last['step']})" if last
+                where = (f"from {last.name} (step {last.step})" if last
                          else "from the start (no checkpoint was recorded yet)")
                 who = f"rank {self.world.rank}" if self.world.distributed else "this run"
                 print(f"\n{self.recipe}: {who} was stopped by SIGTERM"
@@ -331,7 +332,7 @@ class ResumableRun:
 
     # ---------------------------------------------------------------- completion
     @property
-    def complete_row(self) -> dict[str, Any] | None:
+    def complete_row(self) -> CheckpointRow | None:
         """The final checkpoint row if this run already reached ``total_steps``."""
         return self._complete_row
 
@@ -339,15 +340,15 @@ class ResumableRun:
         """Report a finished run (promoting it if that was interrupted) and change nothing."""
         row = self.complete_row
         assert row is not None, "finish_complete() needs complete_row"
-        self._say(f"Run in {self.log_path} is already complete ({row['step']} steps; final "
-                  f"checkpoint {row['name']}). Nothing to do.")
+        self._say(f"Run in {self.log_path} is already complete ({row.step} steps; final "
+                  f"checkpoint {row.name}). Nothing to do.")
         try:
             promoted = distributed.on_main(self._promote)
         finally:
             self._let_go()
         if promoted:
             self._say(f"Promoted model: {promoted['name']} at {promoted['path']}")
-        return RunResult(str(self.log_path), row["step"], row, promoted, already_complete=True)
+        return RunResult(str(self.log_path), row.step, row, promoted, already_complete=True)
 
     # ---------------------------------------------------------------- start
     def start(self, summary: str = "", lora_rank: int | None = None) -> TrainingClient:
@@ -385,7 +386,7 @@ class ResumableRun:
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
             start = self.checkpoints.resume(self.resume_row)
-            where = (f"resuming from {self.resume_row['name']} (step {start.step}, "
+            where = (f"resuming from {self.resume_row.name} (step {start.step}, "
                      f"{start.data_consumed} examples consumed)")
             if self._identity_changes:  # resume_overrides: the run now goes on with them
                 changes = self._identity_changes
@@ -427,7 +428,7 @@ class ResumableRun:
         attempt of this log_path created but killed before its first resumable row (so the
         rerun reuses it instead of leaving an orphan job behind), else None for a new job."""
         if self.resume_row is not None:
-            return self.resume_row["source_job_id"]
+            return self.resume_row.source_job_id
         if not self._earlier_job_id:
             return None
         try:
@@ -557,7 +558,7 @@ class ResumableRun:
     def _log_write_failed(self, path: Path, error: OSError) -> None:
         assert self.checkpoints is not None
         last = self.checkpoints.log.last_resumable()
-        resume = (f"the last checkpoint, {last['name']} (step {last['step']}), is intact: a rerun "
+        resume = (f"the last checkpoint, {last.name} (step {last.step}), is intact: a rerun "
                   f"resumes from it" if last else "no checkpoint was saved yet")
         raise LogPathError(f"writing {path} failed: {error}. Free space on (or make writable) "
                            f"{self.log_path}; {resume}") from None
@@ -576,7 +577,7 @@ class ResumableRun:
         assert self.checkpoints is not None
         self.checkpoints.wait()
         last = self.checkpoints.log.last_resumable()
-        resume = (f"The last good checkpoint is {last['name']} (step {last['step']}): a rerun "
+        resume = (f"The last good checkpoint is {last.name} (step {last.step}): a rerun "
                   f"resumes from it" if last else "No checkpoint was saved yet: a rerun starts "
                   "over")
         why = (f"{self._non_finite_in_a_row} steps in a row were non-finite" if skipping
@@ -602,18 +603,18 @@ class ResumableRun:
                 # The resume point's state is this step's state: record it instead of saving
                 # it again, since re-saving a name deletes it first and a crash then would
                 # lose the checkpoint the run depends on.
-                same_step = self.resume_row is not None and self.resume_row["step"] == step
+                same_step = self.resume_row is not None and self.resume_row.step == step
                 self.final_row = self.checkpoints.save(
                     f"step-{step}", step=step, data_consumed=data_consumed,
                     kind=CheckpointKind.BOTH,
-                    existing_state_path=self.resume_row["state_path"] if same_step else None)
+                    existing_state_path=self.resume_row.state_path if same_step else None)
             self.checkpoints.wait()
             self._apply_retention()
             promoted = distributed.on_main(self._promote)
         finally:
             self._let_go()
         self._say(f"Done. Checkpoints: {self.checkpoint_log.path} (final: "
-                  f"{self.final_row['name']}, sampler {self.final_row['sampler_path']})")
+                  f"{self.final_row.name}, sampler {self.final_row.sampler_path})")
         if promoted:
             self._say(f"Promoted model: {promoted['name']} at {promoted['path']}")
         return RunResult(str(self.log_path), step, self.final_row, promoted)
