@@ -128,7 +128,7 @@ def measure_checksums(args: argparse.Namespace, store: Path, repeats: int = 5) -
     import torch
 
     from training.sdk import AdamParams, Datum, ModelInput, ServiceClient
-    from training.sdk.training_client import verify_state_checksums, write_state_checksums
+    from training.sdk.train_state import verify_state_checksums, write_state_checksums
 
     torch.set_num_threads(args.threads)
     client = ServiceClient(str(store)).create_training_client(args.model)

@@ -8,17 +8,12 @@ raised at the call, never parked in a future that nobody reads.
 from __future__ import annotations
 
 import functools
-import itertools
-import json
 import logging
 import math
-import mmap
-import os
 import pickle
 import secrets
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
@@ -27,11 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
-import xxhash
 from safetensors import SafetensorError
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,6 +39,13 @@ from training.sdk.lora import adapter_disabled, load_adapter_weights, save_adapt
 from training.sdk.losses import BUILTIN_LOSSES, check_loss_call, loss_tokens
 from training.sdk.models import own_weights
 from training.sdk.packed_attention import packed_attention, supports_packed_attention
+from training.sdk.packing import (
+    PackedBatch,
+    pack_routing,
+    pack_sequences,
+    token_logprobs,
+    unpack_routing,
+)
 from training.sdk.routing import capture_routing, moe_routers, replay_routing
 from training.sdk.snapshots import (
     DEFAULT_DELTA_ENCODING,
@@ -66,6 +64,15 @@ from training.sdk.store import (
     make_cross_job_ref,
     parse_checkpoint_ref,
     validate_name,
+)
+from training.sdk.train_state import (  # StateCorruptError: its import path before the move
+    StagingBuffers,
+    StateCorruptError,  # noqa: F401
+    dcp_call,
+    train_state_dict,
+    user_state_key,
+    verify_state_checksums,
+    write_state_checksums,
 )
 from training.sdk.types import (
     AdamParams,
@@ -87,28 +94,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# DCP warns on every single-process save/load (no process group) that it assumes one process:
-# that is this trainer's normal case. Filtered process-wide because background saves run in
-# DCP's own thread, outside any catch_warnings block.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
-                        "uninitialized", category=UserWarning)
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-
-
-def _train_state_dict(model: torch.nn.Module, lora: bool) -> dict[str, Any]:
-    """What a train state holds: every weight for full fine-tuning (trainable or, in a frozen
-    reference client, not), only the adapter for LoRA (the frozen base is reloaded from
-    base_model).
-
-    DCP's ``ignore_frozen_params`` alone would keep a tied ``lm_head`` of a frozen base, because
-    tied parameters are deduplicated out of ``named_parameters()``; filter on the full list.
-    """
-    if not lora:
-        return get_model_state_dict(model)
-    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
-    trainable = {name for name, p in model.named_parameters(remove_duplicate=False)
-                 if p.requires_grad}
-    return {k: v for k, v in state.items() if k in trainable}
 
 
 def _check_adam_params(params: AdamParams) -> None:
@@ -165,28 +151,6 @@ def _position_inputs(index: int, datum: Datum, logprobs: torch.Tensor) -> dict[s
 
 
 _done = completed
-
-
-def _pack_routing(routing: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
-    """Per MoE layer, the ``[rows * row_len, top_k]`` experts of every packed position (the
-    order routers see tokens in); padding goes to experts ``0..top_k-1`` (its output is
-    never read)."""
-    rows, row_len = batch.input_ids.shape
-    layers, top_k = routing[0].shape[1:]
-    flat = torch.arange(top_k).expand(rows * row_len, layers, top_k).clone()
-    for (row, offset, length), matrix in zip(batch.placements, routing, strict=True):
-        start = row * row_len + offset
-        flat[start:start + length] = matrix
-    return [flat[:, layer] for layer in range(layers)]
-
-
-def _unpack_routing(captured: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
-    """Each sequence's ``[tokens, moe_layers, top_k]`` routing from one packed forward pass's
-    per-router ``[rows * row_len, top_k]`` captures."""
-    stacked = torch.stack(captured, dim=1)
-    row_len = batch.input_ids.shape[1]
-    return [stacked[row * row_len + offset:row * row_len + offset + length].clone()
-            for row, offset, length in batch.placements]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -254,12 +218,11 @@ class TrainingClient(AwaitableSelf):
         """``save_state`` writes in the background (see :meth:`save_state`)."""
         # The compiled module shares the model's parameters: state dicts, checkpoints and
         # snapshots keep using self.model.
-        token_logprobs = functools.partial(_token_logprobs, model)
+        score = functools.partial(token_logprobs, model)
         # Compiling the loss with the model lets inductor fuse the fp32 upcast, log-softmax and
         # gather of the logits into the lm_head's epilogue (and the same in backward).
-        self._eager_token_logprobs = token_logprobs
-        self._token_logprobs = (torch.compile(token_logprobs, dynamic=True) if compile
-                                else token_logprobs)
+        self._eager_token_logprobs = score
+        self._token_logprobs = torch.compile(score, dynamic=True) if compile else score
         # Attention per document where the model allows it (no dense mask, no padding but
         # rounding); otherwise rows with block-diagonal masks.
         self._per_document_attention = supports_packed_attention(model, device)
@@ -268,7 +231,7 @@ class TrainingClient(AwaitableSelf):
         # per position, i.e. ~5 * hidden_size.
         self._attention_cost = 5.0 * hidden if isinstance(hidden, int) else None
         self._pending_saves: list[Future[SaveStateResponse]] = []
-        self._staging = _StagingBuffers()
+        self._staging = StagingBuffers()
         self._staged: threading.Event | None = None
         self.save_stall_s = 0.0
         """Seconds training has waited for background saves so far: their ``save_state`` calls
@@ -493,7 +456,7 @@ class TrainingClient(AwaitableSelf):
         batch = self._pack(inputs, targets)
         mask = batch.attention_mask
         replay = (nullcontext() if routing is None
-                  else replay_routing(self.model, _pack_routing(routing, batch)))
+                  else replay_routing(self.model, pack_routing(routing, batch)))
         capture = (capture_routing(self.model) if routing_out is not None
                    else nullcontext(None))
         with self._forward_context(), replay, capture as captured:
@@ -502,7 +465,7 @@ class TrainingClient(AwaitableSelf):
                                                   None if mask is None else mask.to(self.device),
                                                   batch.target_ids.to(self.device))
         if captured:
-            routing_out.extend(_unpack_routing(captured, batch))
+            routing_out.extend(unpack_routing(captured, batch))
         per_datum = []
         for i, (row, offset, length) in enumerate(batch.placements):
             lp = token_logprobs[row, offset:offset + length]
@@ -781,7 +744,7 @@ class TrainingClient(AwaitableSelf):
         state: dict[str, Any] = {
             **self._live_state_dicts(),
             "trainer": {"step": self._step},
-            _user_state_key(self.world.rank): pickle.dumps(user_state or {}),
+            user_state_key(self.world.rank): pickle.dumps(user_state or {}),
         }
         entry_dir = self.store.state_dir(self.job_id, name)
         now = time.time()
@@ -805,7 +768,7 @@ class TrainingClient(AwaitableSelf):
         # all uploads are done, so those saves stay synchronous.
         if not self.async_saves or (self.world.distributed and not self.store.is_local):
             try:
-                _dcp_call(dcp.save, state, local, what)
+                dcp_call(dcp.save, state, local, what)
                 write_state_checksums(local, self.world.rank)
                 self.store.close_entry(entry_dir, local)
             except BaseException:
@@ -827,7 +790,7 @@ class TrainingClient(AwaitableSelf):
                     copy = self._staging.copy(state)
                 finally:
                     staged.set()
-                _dcp_call(dcp.save, copy, local, what, process_group)
+                dcp_call(dcp.save, copy, local, what, process_group)
                 write_state_checksums(local, self.world.rank)
                 self.store.close_entry(entry_dir, local)
                 if self.world.is_main:  # rank 0's save ends after every rank's shards
@@ -871,7 +834,7 @@ class TrainingClient(AwaitableSelf):
         optimizer = self._optimizer
         key = (id(optimizer), len(optimizer.state) if optimizer is not None else 0)
         if self._state_dicts_key != key:
-            dicts: dict[str, Any] = {"model": _train_state_dict(self.model,
+            dicts: dict[str, Any] = {"model": train_state_dict(self.model,
                                                                 lora=self.job.lora_rank > 0)}
             if optimizer is not None:
                 dicts["optim"] = get_optimizer_state_dict(self.model, optimizer)
@@ -926,15 +889,15 @@ class TrainingClient(AwaitableSelf):
         # A rank the saving run did not have (it ran with fewer processes) gets rank 0's
         # user state: the data position is the same on every rank.
         saved_world = int(meta.extra.get("world_size", 1))
-        user_key = _user_state_key(self.world.rank if self.world.rank < saved_world else 0)
-        state: dict[str, Any] = {"model": _train_state_dict(self.model, lora),
+        user_key = user_state_key(self.world.rank if self.world.rank < saved_world else 0)
+        state: dict[str, Any] = {"model": train_state_dict(self.model, lora),
                                  "trainer": {"step": 0}, user_key: b""}
         restore_optimizer = with_optimizer and meta.extra.get("has_optimizer", False)
         if restore_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self._ensure_optimizer())
         with self.store.local_copy(self.store.state_dir(job_id, name)) as local:
             verify_state_checksums(local, f"train state {job_id}:{name}")
-            _dcp_call(dcp.load, state, local, f"loading train state {job_id}:{name}")
+            dcp_call(dcp.load, state, local, f"loading train state {job_id}:{name}")
         # A LoRA state holds exactly the adapter (DCP refuses a checkpoint that lacks any of it),
         # so non-strict only skips the frozen base weights.
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=not lora))
@@ -1093,120 +1056,6 @@ class TrainingClient(AwaitableSelf):
 
 
 @dataclass
-class PackedBatch:
-    """Several sequences packed into fewer rows, each sequence attending only to itself."""
-
-    input_ids: torch.Tensor
-    """[rows, row_len] token ids (padding where no sequence was placed)."""
-    target_ids: torch.Tensor
-    """[rows, row_len] the target of each position (0 on padding)."""
-    position_ids: torch.Tensor
-    """[rows, row_len] positions that restart at 0 for every sequence."""
-    attention_mask: torch.Tensor | None
-    """[rows, 1, row_len, row_len] bool: causal within a sequence, nothing across sequences
-    (None when packed for per-document attention: the position ids say where each starts)."""
-    placements: list[tuple[int, int, int]]
-    """(row, offset, length) of each input sequence, in input order."""
-
-
-def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tensor], *,
-                   pad_id: int, multiple_of: int = 16, attention_cost: float | None = None,
-                   per_document_attention: bool = False) -> PackedBatch:
-    """Pack sequences into rows, each sequence attending only to itself.
-
-    With ``per_document_attention`` (the model attends within each document itself, see
-    :mod:`training.sdk.packed_attention`) every sequence goes into one row, back to back: no
-    padding but the rounding of its length. Otherwise rows carry a block-diagonal causal mask
-    and sequences are packed first-fit-decreasing: short sequences share rows instead of
-    padding alone (chat batches are often half padding). Rows are then as long as the longest
-    sequence, or, with ``attention_cost``, up to twice that when wider rows leave less padding: a
-    position costs ``1 + row_len / attention_cost`` (the masked attention over the whole row
-    grows with its length; about ``5 * hidden_size`` on CPU), and the row length with the least
-    total cost wins. Row lengths are multiples of ``multiple_of`` so kernels see few distinct
-    shapes. Position ids restart at 0 for every sequence and for the padding after the last one.
-    Per-sequence results equal those of running each sequence alone, up to float rounding.
-    """
-    lengths = [len(t) for t in inputs]
-    if per_document_attention:
-        row_len = -(-sum(lengths) // multiple_of) * multiple_of
-        offsets = [0, *itertools.accumulate(lengths)][:-1]
-        placements, rows = [(0, o, n) for o, n in zip(offsets, lengths, strict=True)], 1
-    else:
-        row_len = _packed_row_length(lengths, multiple_of, attention_cost)
-        placements, rows = _first_fit_decreasing(lengths, row_len)
-    input_ids = torch.full((rows, row_len), pad_id, dtype=torch.long)
-    target_ids = torch.zeros((rows, row_len), dtype=torch.long)
-    position_ids = torch.zeros((rows, row_len), dtype=torch.long)
-    used = [0] * rows
-    for i, (row, offset, length) in enumerate(placements):
-        input_ids[row, offset:offset + length] = torch.as_tensor(inputs[i], dtype=torch.long)
-        target_ids[row, offset:offset + length] = targets[i]
-        position_ids[row, offset:offset + length] = torch.arange(length)
-        used[row] = max(used[row], offset + length)
-    for row, end in enumerate(used):
-        position_ids[row, end:] = torch.arange(row_len - end)
-    if per_document_attention:
-        return PackedBatch(input_ids, target_ids, position_ids, None, placements)
-    segment = torch.full((rows, row_len), -1, dtype=torch.long)
-    for i, (row, offset, length) in enumerate(placements):
-        segment[row, offset:offset + length] = i
-    index = torch.arange(row_len)
-    causal = index[None, :] <= index[:, None]
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    # Padding attends to itself so no softmax row is empty (an all-masked row gives NaN).
-    mask = (same & causal) | torch.eye(row_len, dtype=torch.bool)
-    return PackedBatch(input_ids, target_ids, position_ids, mask[:, None], placements)
-
-
-def _token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
-                    ) -> torch.Tensor:
-    """``[rows, row_len]`` log-probs (fp32) of ``target_ids`` under ``model``'s logits."""
-    logits = model(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=attention_mask, use_cache=False).logits
-    return -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target_ids.reshape(-1),
-                            reduction="none").reshape(target_ids.shape)
-
-
-def _first_fit_decreasing(lengths: Sequence[int], row_len: int,
-                          ) -> tuple[list[tuple[int, int, int]], int]:
-    """(row, offset, length) of each sequence, longest placed first, and the number of rows."""
-    free: list[int] = []
-    placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
-        if row is None:
-            free.append(row_len)
-            row = len(free) - 1
-        placements[i] = (row, row_len - free[row], lengths[i])
-        free[row] -= lengths[i]
-    return placements, len(free)
-
-
-WIDE_ROW_LIMIT = 1024
-"""Rows are widened (see :func:`pack_sequences`) only up to this many positions: the masked
-attention of a row holds ``row_len ** 2`` scores per head."""
-
-
-def _packed_row_length(lengths: Sequence[int], multiple_of: int,
-                       attention_cost: float | None) -> int:
-    """The row length of :func:`pack_sequences`: the cheapest of up to 16 candidates between the
-    longest sequence and twice that."""
-    longest = -(-max(lengths) // multiple_of) * multiple_of
-    widest = min(2 * longest, max(longest, WIDE_ROW_LIMIT // multiple_of * multiple_of))
-    if attention_cost is None or widest == longest or len(lengths) < 2:
-        return longest
-    stride = max(multiple_of, -(-(widest - longest) // 16 // multiple_of) * multiple_of)
-    best_cost, best_len = float("inf"), longest
-    for row_len in range(longest, widest + 1, stride):
-        rows = _first_fit_decreasing(lengths, row_len)[1]
-        cost = rows * row_len * (1 + row_len / attention_cost)
-        if cost < best_cost:
-            best_cost, best_len = cost, row_len
-    return best_len
-
-
-@dataclass
 class _SamplerChainHead:
     """The last sampler snapshot of the session: the reference of the next delta."""
 
@@ -1215,122 +1064,3 @@ class _SamplerChainHead:
     """Its tensors exactly as stored (CPU, sampler dtype): one model's worth of memory."""
 
 
-def _user_state_key(rank: int) -> str:
-    """Where a rank's user state (data position, RNG states) lives in a train state: rank 0's
-    under the single-process name, so states saved by one process and by N read alike."""
-    return "user_state" if rank == 0 else f"user_state.rank{rank}"
-
-
-def _dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what: str,
-              process_group: Any = None) -> None:
-    """Run a DCP save/load on a local directory, turning its BaseException into a StoreError.
-
-    Safe in a background thread: no ``warnings.catch_warnings`` (not thread-safe); the module's
-    filter silences DCP's single-process warning.
-    """
-    try:
-        with collective(what):
-            if fn is dcp.save:
-                fn(state, storage_writer=dcp.FileSystemWriter(directory),
-                   process_group=process_group)
-            else:
-                fn(state, storage_reader=dcp.FileSystemReader(directory),
-                   process_group=process_group)
-    except CheckpointException as e:  # derives from BaseException, not Exception
-        raise StoreError(f"{what} failed in {directory}: {_first_line(e)}; the checkpoint is "
-                         f"corrupt or incomplete: delete it or use an earlier one") from e
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        if isinstance(e, distributed.RankLostError):
-            raise
-        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
-
-
-class _StagingBuffers:
-    """CPU buffers a background save copies the train state into, kept from one save to the
-    next (fresh buffers would page-fault on every byte; DCP's caching stager pins memory, which
-    needs an accelerator). One save is in flight at a time (:meth:`TrainingClient.save_state`
-    waits for the previous one), so reuse is safe."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Any] | None = None
-        self._layout: Any = None
-
-    def copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        layout = _layout_of(state_dict)
-        if self._buffers is None or layout != self._layout:
-            self._buffers = _create_cpu_state_dict(state_dict)
-            self._layout = layout
-        return _copy_state_dict(state_dict, self._buffers)
-
-
-def _layout_of(tree: Any) -> Any:
-    """The keys, shapes and dtypes of a (nested) state dict: when the buffers still fit."""
-    if isinstance(tree, dict):
-        return tuple((k, _layout_of(v)) for k, v in tree.items())
-    if isinstance(tree, (list, tuple)):
-        return tuple(_layout_of(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        return (tuple(tree.shape), tree.dtype, type(tree).__name__)
-    return type(tree).__name__
-
-
-STATE_CHECKSUMS = "checksums.rank{rank}.json"
-"""Per rank, the XXH3-128 of every file that rank wrote into a train state (DCP names them
-``__<rank>_<n>.distcp``; rank 0 also writes ``.metadata``)."""
-
-
-class StateCorruptError(StoreError):
-    """A train state's file does not match the checksum taken when it was saved (or is
-    missing): it is never loaded."""
-
-
-def _file_xxh3(path: str) -> str:
-    # Hashing a memory map reads the page cache in place: no copy into Python buffers
-    # (chunked reads took ~3x longer on a 127 MB state).
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return xxhash.xxh3_128(b"").hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return xxhash.xxh3_128(mapped).hexdigest()
-
-
-def write_state_checksums(directory: str, rank: int) -> None:
-    """Record the checksum of each file ``rank`` wrote into the train state ``directory``
-    (before the entry is closed and committed: a checksum file is part of the entry)."""
-    mine = sorted(f for f in os.listdir(directory)
-                  if f.startswith(f"__{rank}_") or (rank == 0 and f == ".metadata"))
-    payload = {"algorithm": "xxh3_128", "files": {f: _file_xxh3(os.path.join(directory, f))
-                                                  for f in mine}}
-    with open(os.path.join(directory, STATE_CHECKSUMS.format(rank=rank)), "w") as out:
-        json.dump(payload, out, indent=1, sort_keys=True)
-
-
-def verify_state_checksums(directory: str, what: str) -> None:
-    """Check every file a train state's checksum files list.
-
-    A state saved before checksums existed (no checksum file) is loaded unchecked.
-
-    Raises:
-        StateCorruptError: a listed file is missing or its bytes changed since the save.
-    """
-    for name in sorted(os.listdir(directory)):
-        if not (name.startswith("checksums.rank") and name.endswith(".json")):
-            continue
-        try:
-            with open(os.path.join(directory, name)) as f:
-                listed = json.load(f)["files"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StateCorruptError(f"{what}: its checksum file {name} is unreadable ({e})") \
-                from None
-        for file, expected in listed.items():
-            path = os.path.join(directory, file)
-            if not os.path.exists(path):
-                raise StateCorruptError(f"{what}: file {file} is missing (listed in {name})")
-            if _file_xxh3(path) != expected:
-                raise StateCorruptError(f"{what}: file {file} does not match the checksum "
-                                        f"taken when it was saved: the checkpoint is corrupt")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__

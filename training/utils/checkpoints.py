@@ -30,7 +30,8 @@ import torch
 from training.faults import fault_point
 from training.sdk import distributed
 from training.sdk.store import CheckpointStore, StoreError, parse_checkpoint_ref
-from training.sdk.training_client import StateCorruptError, TrainingClient
+from training.sdk.train_state import StateCorruptError
+from training.sdk.training_client import TrainingClient
 from training.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)

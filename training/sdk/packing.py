@@ -1,0 +1,156 @@
+"""Packing several sequences into fewer rows for one forward pass, each attending only to
+itself (block-diagonal causal masks, or back to back for per-document attention kernels), and
+the model call that scores the packed targets.
+
+:func:`pack_sequences` decides where each sequence goes; :func:`token_logprobs` runs the model
+on the packed rows; :func:`pack_routing` / :func:`unpack_routing` move MoE routing matrices
+between per-sequence and packed layouts (routing replay).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["WIDE_ROW_LIMIT", "PackedBatch", "pack_routing", "pack_sequences", "token_logprobs",
+           "unpack_routing"]
+
+
+@dataclass
+class PackedBatch:
+    """Several sequences packed into fewer rows, each sequence attending only to itself."""
+
+    input_ids: torch.Tensor
+    """[rows, row_len] token ids (padding where no sequence was placed)."""
+    target_ids: torch.Tensor
+    """[rows, row_len] the target of each position (0 on padding)."""
+    position_ids: torch.Tensor
+    """[rows, row_len] positions that restart at 0 for every sequence."""
+    attention_mask: torch.Tensor | None
+    """[rows, 1, row_len, row_len] bool: causal within a sequence, nothing across sequences
+    (None when packed for per-document attention: the position ids say where each starts)."""
+    placements: list[tuple[int, int, int]]
+    """(row, offset, length) of each input sequence, in input order."""
+
+
+def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tensor], *,
+                   pad_id: int, multiple_of: int = 16, attention_cost: float | None = None,
+                   per_document_attention: bool = False) -> PackedBatch:
+    """Pack sequences into rows, each sequence attending only to itself.
+
+    With ``per_document_attention`` (the model attends within each document itself, see
+    :mod:`training.sdk.packed_attention`) every sequence goes into one row, back to back: no
+    padding but the rounding of its length. Otherwise rows carry a block-diagonal causal mask
+    and sequences are packed first-fit-decreasing: short sequences share rows instead of
+    padding alone (chat batches are often half padding). Rows are then as long as the longest
+    sequence, or, with ``attention_cost``, up to twice that when wider rows leave less padding: a
+    position costs ``1 + row_len / attention_cost`` (the masked attention over the whole row
+    grows with its length; about ``5 * hidden_size`` on CPU), and the row length with the least
+    total cost wins. Row lengths are multiples of ``multiple_of`` so kernels see few distinct
+    shapes. Position ids restart at 0 for every sequence and for the padding after the last one.
+    Per-sequence results equal those of running each sequence alone, up to float rounding.
+    """
+    lengths = [len(t) for t in inputs]
+    if per_document_attention:
+        row_len = -(-sum(lengths) // multiple_of) * multiple_of
+        offsets = [0, *itertools.accumulate(lengths)][:-1]
+        placements, rows = [(0, o, n) for o, n in zip(offsets, lengths, strict=True)], 1
+    else:
+        row_len = _packed_row_length(lengths, multiple_of, attention_cost)
+        placements, rows = _first_fit_decreasing(lengths, row_len)
+    input_ids = torch.full((rows, row_len), pad_id, dtype=torch.long)
+    target_ids = torch.zeros((rows, row_len), dtype=torch.long)
+    position_ids = torch.zeros((rows, row_len), dtype=torch.long)
+    used = [0] * rows
+    for i, (row, offset, length) in enumerate(placements):
+        input_ids[row, offset:offset + length] = torch.as_tensor(inputs[i], dtype=torch.long)
+        target_ids[row, offset:offset + length] = targets[i]
+        position_ids[row, offset:offset + length] = torch.arange(length)
+        used[row] = max(used[row], offset + length)
+    for row, end in enumerate(used):
+        position_ids[row, end:] = torch.arange(row_len - end)
+    if per_document_attention:
+        return PackedBatch(input_ids, target_ids, position_ids, None, placements)
+    segment = torch.full((rows, row_len), -1, dtype=torch.long)
+    for i, (row, offset, length) in enumerate(placements):
+        segment[row, offset:offset + length] = i
+    index = torch.arange(row_len)
+    causal = index[None, :] <= index[:, None]
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    # Padding attends to itself so no softmax row is empty (an all-masked row gives NaN).
+    mask = (same & causal) | torch.eye(row_len, dtype=torch.bool)
+    return PackedBatch(input_ids, target_ids, position_ids, mask[:, None], placements)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
+                    ) -> torch.Tensor:
+    """``[rows, row_len]`` log-probs (fp32) of ``target_ids`` under ``model``'s logits."""
+    logits = model(input_ids=input_ids, position_ids=position_ids,
+                   attention_mask=attention_mask, use_cache=False).logits
+    return -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target_ids.reshape(-1),
+                            reduction="none").reshape(target_ids.shape)
+
+
+def _first_fit_decreasing(lengths: Sequence[int], row_len: int,
+                          ) -> tuple[list[tuple[int, int, int]], int]:
+    """(row, offset, length) of each sequence, longest placed first, and the number of rows."""
+    free: list[int] = []
+    placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
+        if row is None:
+            free.append(row_len)
+            row = len(free) - 1
+        placements[i] = (row, row_len - free[row], lengths[i])
+        free[row] -= lengths[i]
+    return placements, len(free)
+
+
+WIDE_ROW_LIMIT = 1024
+"""Rows are widened (see :func:`pack_sequences`) only up to this many positions: the masked
+attention of a row holds ``row_len ** 2`` scores per head."""
+
+
+def _packed_row_length(lengths: Sequence[int], multiple_of: int,
+                       attention_cost: float | None) -> int:
+    """The row length of :func:`pack_sequences`: the cheapest of up to 16 candidates between the
+    longest sequence and twice that."""
+    longest = -(-max(lengths) // multiple_of) * multiple_of
+    widest = min(2 * longest, max(longest, WIDE_ROW_LIMIT // multiple_of * multiple_of))
+    if attention_cost is None or widest == longest or len(lengths) < 2:
+        return longest
+    stride = max(multiple_of, -(-(widest - longest) // 16 // multiple_of) * multiple_of)
+    best_cost, best_len = float("inf"), longest
+    for row_len in range(longest, widest + 1, stride):
+        rows = _first_fit_decreasing(lengths, row_len)[1]
+        cost = rows * row_len * (1 + row_len / attention_cost)
+        if cost < best_cost:
+            best_cost, best_len = cost, row_len
+    return best_len
+
+
+def pack_routing(routing: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
+    """Per MoE layer, the ``[rows * row_len, top_k]`` experts of every packed position (the
+    order routers see tokens in); padding goes to experts ``0..top_k-1`` (its output is
+    never read)."""
+    rows, row_len = batch.input_ids.shape
+    layers, top_k = routing[0].shape[1:]
+    flat = torch.arange(top_k).expand(rows * row_len, layers, top_k).clone()
+    for (row, offset, length), matrix in zip(batch.placements, routing, strict=True):
+        start = row * row_len + offset
+        flat[start:start + length] = matrix
+    return [flat[:, layer] for layer in range(layers)]
+
+
+def unpack_routing(captured: list[torch.Tensor], batch: PackedBatch) -> list[torch.Tensor]:
+    """Each sequence's ``[tokens, moe_layers, top_k]`` routing from one packed forward pass's
+    per-router ``[rows * row_len, top_k]`` captures."""
+    stacked = torch.stack(captured, dim=1)
+    row_len = batch.input_ids.shape[1]
+    return [stacked[row * row_len + offset:row * row_len + offset + length].clone()
+            for row, offset, length in batch.placements]
