@@ -488,7 +488,7 @@ def test_all_rows_dropped_explains_why(tokenizer):
 
 def test_bad_policy_and_limits(tokenizer):
     rows, _ = rows_of_lengths(tokenizer, [2])
-    with pytest.raises(ValueError, match="long_row_policy is 'clip'; expected one of drop, "
+    with pytest.raises(ValueError, match="long_row_policy='clip': expected one of drop, "
                                          "truncate, error"):
         build_sft_examples(rows, tokenizer, max_seq_len=64, long_row_policy="clip")
     with pytest.raises(ValueError, match="max_seq_len is 1"):

@@ -43,11 +43,13 @@ import torch
 from training.sdk.choices import Choice
 from training.sdk.types import Datum
 from training.utils.data import (
-    LONG_ROW_POLICIES,
     ChatTemplateError,
     DatasetError,
+    LongRowPolicy,
     SFTExample,
+    check_length_args,
     example_to_datum,
+    fit_to_length,
     read_records,
     render_chat,
     validate_messages,
@@ -279,7 +281,7 @@ def render_pair(tokenizer: Any, pair: PreferencePair) -> tuple[list[int], list[f
 
 
 def build_preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, max_seq_len: int,
-                              long_row_policy: str = "drop",
+                              long_row_policy: LongRowPolicy | str = "drop",
                               ) -> tuple[list[PreferenceExample], PreferenceStats]:
     """Render pairs into examples, applying the long-row policy to each side.
 
@@ -299,11 +301,7 @@ def build_preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, m
         PreferenceDataError: a pair cannot be rendered or is too long under ``"error"``; or no
             pair is left.
     """
-    if long_row_policy not in LONG_ROW_POLICIES:
-        raise ValueError(f"long_row_policy is {long_row_policy!r}; expected one of "
-                         f"{', '.join(LONG_ROW_POLICIES)}")
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len is {max_seq_len!r}; expected an integer >= 2 (tokens)")
+    long_row_policy = check_length_args(max_seq_len, long_row_policy)
     stats = PreferenceStats(pairs=len(pairs))
     examples: list[PreferenceExample] = []
     for pair in pairs:
@@ -311,18 +309,14 @@ def build_preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, m
         if c_tokens == r_tokens and c_weights == r_weights:
             stats.dropped_identical += 1
             continue
-        longest = max(len(c_tokens), len(r_tokens))
-        if longest > max_seq_len:
-            if long_row_policy == "error":
-                raise PreferenceDataError(
-                    f"{pair.where}: a side renders to {longest} tokens, more than max_seq_len="
-                    f"{max_seq_len}; raise max_seq_len, or set long_row_policy to 'truncate' or "
-                    f"'drop'")
-            if long_row_policy == "drop":
-                stats.dropped_too_long += 1
-                continue
-            c_tokens, c_weights = c_tokens[:max_seq_len], c_weights[:max_seq_len]
-            r_tokens, r_weights = r_tokens[:max_seq_len], r_weights[:max_seq_len]
+        too_long = max(len(c_tokens), len(r_tokens)) > max_seq_len
+        fitted = fit_to_length([(c_tokens, c_weights), (r_tokens, r_weights)], max_seq_len,
+                               long_row_policy, pair.where, error=PreferenceDataError)
+        if fitted is None:
+            stats.dropped_too_long += 1
+            continue
+        [(c_tokens, c_weights), (r_tokens, r_weights)] = fitted
+        if too_long:
             # The first token is never a target, so weights[1:] is what trains.
             if not any(w > 0 for w in c_weights[1:]) or not any(w > 0 for w in r_weights[1:]):
                 stats.dropped_too_long += 1
