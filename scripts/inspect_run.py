@@ -20,6 +20,7 @@ if importlib.util.find_spec("training") is None:
     # Run from a checkout without `pip install -e .`: the package lives next to scripts/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.sdk.names import parse_model_name  # noqa: E402
 from training.sdk.registry import ModelRegistry  # noqa: E402
 from training.sdk.store import CheckpointStore, StoreError  # noqa: E402
 from training.utils.checkpoints import (  # noqa: E402
@@ -137,8 +138,7 @@ def _promoted(store: CheckpointStore | None, job: str | None) -> dict[str, list[
     if store is None or job is None:
         return out
     for model in ModelRegistry(store).list_models():
-        account, model_id = model["name"].split("/")[1], model["name"].split("/")[3]
-        meta = store.read_meta(store.model_dir(account, model_id))
+        meta = store.read_meta(store.model_dir(*parse_model_name(model["name"])))
         if meta is not None and meta.extra.get("source_job_id") == job:
             out.setdefault(str(meta.extra.get("source_checkpoint_id")), []).append(model["name"])
     return out

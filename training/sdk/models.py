@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +21,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from training.sdk.hf_quiet import progress_bars_disabled
+from training.sdk.names import parse_model_name
 from training.sdk.store import CheckpointStore
 from training.sdk.tiny_model import TINY_MODELS, ensure_tiny_model, is_tiny_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "vocab.txt", "spiece.model")
 """Files of which a local tokenizer directory must hold at least one."""
-
-_REGISTRY_NAME_RE = re.compile(r"^accounts/([^/]+)/models/([^/]+)$")
 
 
 class ModelLoadError(ValueError):
@@ -49,9 +47,9 @@ def model_source(name: str, store: CheckpointStore | None = None) -> Iterator[st
     if os.path.isdir(expanded):
         yield os.path.abspath(expanded)
         return
-    match = _REGISTRY_NAME_RE.match(name)
-    if match and store is not None:
-        model_dir = store.model_dir(match.group(1), match.group(2))
+    promoted = parse_model_name(name)
+    if promoted and store is not None:
+        model_dir = store.model_dir(*promoted)
         if store.read_meta(model_dir) is not None:
             with store.local_copy(model_dir) as local:
                 yield local

@@ -22,13 +22,20 @@ of how to save a promotable checkpoint instead.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 import warnings
 from datetime import datetime, timezone
 from typing import Any
 
+from training.sdk.names import (  # importable from here as before
+    MAX_MODEL_ID_LENGTH,
+    checkpoint_resource_name,
+    model_resource_name,
+    parse_checkpoint_resource_name,
+    parse_model_name,
+    validate_output_model_id,
+)
 from training.sdk.store import (
     META_FILE,
     PROMOTABLE_SNAPSHOT_TYPES,
@@ -49,15 +56,9 @@ __all__ = [
     "validate_output_model_id",
 ]
 
-MAX_MODEL_ID_LENGTH = 63
 TRAINING_STATE = "TRAINING_STATE"
 """``checkpointType`` of a train state (DCP) in :meth:`ModelRegistry.list_checkpoints` rows."""
 
-_MODEL_ID_CHARS_RE = re.compile(r"[a-z0-9-]")
-_CHECKPOINT_NAME_RE = re.compile(
-    r"^accounts/(?P<account>[^/]+)/rlorTrainerJobs/(?P<job_id>[^/]+)"
-    r"/checkpoints/(?P<checkpoint_id>[^/]+)$")
-_MODEL_NAME_RE = re.compile(r"^accounts/(?P<account>[^/]+)/models/(?P<model_id>[^/]+)$")
 
 _LEGACY_FORM_WARNING = (
     "promote_checkpoint(job_id, checkpoint_id, ...) positional form is deprecated. Pass the "
@@ -97,67 +98,10 @@ class ModelNotFoundError(RegistryError, KeyError):
         return str(self.args[0])
 
 
-def validate_output_model_id(output_model_id: str) -> list[str]:
-    """The problems with ``output_model_id`` as a model id; an empty list means it is valid.
-
-    A model id is 1-63 characters of lowercase letters ``a-z``, digits ``0-9`` and hyphens, and
-    neither starts nor ends with a hyphen (the last rule is this registry's, so ids stay valid
-    DNS labels). Check an id before training: a promotion that fails on its id wastes the run's
-    final save.
-    """
-    if not isinstance(output_model_id, str):
-        return [f"output_model_id must be a string, got {type(output_model_id).__name__}"]
-    if not output_model_id:
-        return [f"output_model_id is empty; use 1-{MAX_MODEL_ID_LENGTH} characters of a-z, "
-                f"0-9 and '-'"]
-    problems = []
-    if len(output_model_id) > MAX_MODEL_ID_LENGTH:
-        problems.append(f"output_model_id {output_model_id!r} is {len(output_model_id)} "
-                        f"characters long; the limit is {MAX_MODEL_ID_LENGTH}")
-    bad = sorted({c for c in output_model_id if not _MODEL_ID_CHARS_RE.fullmatch(c)})
-    if bad:
-        hint = " (use lowercase)" if any(c.isupper() for c in bad) else ""
-        problems.append(f"output_model_id {output_model_id!r} contains "
-                        f"{', '.join(repr(c) for c in bad)}; only lowercase letters a-z, digits "
-                        f"0-9 and '-' are allowed{hint}")
-    if output_model_id.startswith("-") or output_model_id.endswith("-"):
-        problems.append(f"output_model_id {output_model_id!r} starts or ends with '-'; "
-                        f"begin and end it with a letter or digit")
-    return problems
-
-
 def _rfc3339(timestamp: float) -> str:
     """``2025-01-31T12:34:56.789012Z``: the hosted API's timestamp format (UTC)."""
     return (datetime.fromtimestamp(timestamp, tz=timezone.utc)
             .isoformat(timespec="microseconds").replace("+00:00", "Z"))
-
-
-def checkpoint_resource_name(account: str, job_id: str, checkpoint_id: str) -> str:
-    """``accounts/<account>/rlorTrainerJobs/<job_id>/checkpoints/<checkpoint_id>``."""
-    return f"accounts/{account}/rlorTrainerJobs/{job_id}/checkpoints/{checkpoint_id}"
-
-
-def model_resource_name(account: str, model_id: str) -> str:
-    """``accounts/<account>/models/<model_id>``."""
-    return f"accounts/{account}/models/{model_id}"
-
-
-def parse_checkpoint_resource_name(name: str) -> tuple[str, str, str]:
-    """A 4-segment checkpoint name -> ``(account, job_id, checkpoint_id)``.
-
-    Raises ValueError for anything else, including segments that are not valid store names
-    (they become directory names, so ``..`` and the like must never get through).
-    """
-    match = _CHECKPOINT_NAME_RE.match(name) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(f"checkpoint name {name!r} is not of the form "
-                         f"'accounts/<account>/rlorTrainerJobs/<job_id>/checkpoints/<id>'; "
-                         f"take the 'name' field of a list_checkpoints row")
-    account, job_id, checkpoint_id = match.group("account", "job_id", "checkpoint_id")
-    validate_name(account, "account")
-    validate_name(job_id, "job id")
-    validate_name(checkpoint_id, "checkpoint id")
-    return account, job_id, checkpoint_id
 
 
 class ModelRegistry:
@@ -444,9 +388,9 @@ class ModelRegistry:
         return [self._model_record(account, meta) for account, meta in found]
 
     def _parse_model_name(self, model_name: str) -> tuple[str, str]:
-        match = _MODEL_NAME_RE.match(model_name) if isinstance(model_name, str) else None
-        if match is not None:
-            account, model_id = match.group("account", "model_id")
+        parsed = parse_model_name(model_name)
+        if parsed is not None:
+            account, model_id = parsed
         elif isinstance(model_name, str) and "/" not in model_name:
             account, model_id = self.account or default_account(), model_name
         else:

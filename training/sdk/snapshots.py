@@ -78,13 +78,16 @@ import zstandard
 from safetensors.torch import load_file
 
 from training.sdk.choices import Choice
+from training.sdk.names import (  # importable from here as before
+    SAMPLER_SCHEME,  # noqa: F401
+    make_snapshot_identity,
+    parse_snapshot_identity,
+)
 from training.sdk.store import (
     DELTA_MANIFEST_FILE,
-    TINKER_SCHEME,
     WEIGHTS_MANIFEST_FILE,
     CheckpointStore,
     StoreError,
-    parse_tinker_path,
 )
 
 __all__ = [
@@ -96,7 +99,6 @@ __all__ = [
     "read_weights_manifest", "tensor_checksum", "verify_weights", "write_weights_manifest",
 ]
 
-SAMPLER_SCHEME = "sampler://"
 DELTA_DATA_FILE = "delta.bin"
 DELTA_FORMAT = "homefire-delta/2"
 LEGACY_DELTA_FORMAT = "homefire-xor-delta/1"
@@ -140,40 +142,6 @@ class SnapshotMismatchError(SnapshotError, ValueError):
 
 class SnapshotCorruptError(SnapshotError):
     """A snapshot's files do not match its manifest (truncated, altered or wrong checksum)."""
-
-
-# ------------------------------------------------------------------------------- identities
-def make_snapshot_identity(job_id: str, snapshot_name: str) -> str:
-    """``sampler://<job_id>/<snapshot_name>``: the public identity of a sampler snapshot."""
-    return f"{SAMPLER_SCHEME}{job_id}/{snapshot_name}"
-
-
-def parse_snapshot_identity(identity: str, default_job_id: str | None = None) -> tuple[str, str]:
-    """``sampler://job/name``, ``tinker://job/sampler_weights/name``, ``job:name`` or (with
-    ``default_job_id``) ``name`` -> (job, name)."""
-    if not isinstance(identity, str) or not identity:
-        raise ValueError(f"snapshot identity {identity!r} is empty or not a string; pass "
-                         f"SaveSamplerResult.path ('sampler://<job_id>/<snapshot_name>')")
-    if identity.startswith(TINKER_SCHEME):
-        job_id, kind, name = parse_tinker_path(identity)
-        if kind != "sampler":
-            raise ValueError(f"{identity!r} is a train state, not a sampler snapshot: sample "
-                             f"from a save_weights_for_sampler path "
-                             f"('tinker://<run_id>/sampler_weights/<name>')")
-    elif identity.startswith(SAMPLER_SCHEME):
-        job_id, _, name = identity[len(SAMPLER_SCHEME):].partition("/")
-    elif ":" in identity and "://" not in identity:
-        job_id, _, name = identity.partition(":")
-    elif "://" not in identity and "/" not in identity and default_job_id is not None:
-        job_id, name = default_job_id, identity
-    else:
-        raise ValueError(f"snapshot identity {identity!r} names no trainer job: pass "
-                         f"SaveSamplerResult.path ('sampler://<job_id>/<snapshot_name>') or "
-                         f"'<job_id>:<snapshot_name>'")
-    if not job_id or not name or "/" in name:
-        raise ValueError(f"snapshot identity {identity!r} is malformed: expected "
-                         f"'sampler://<job_id>/<snapshot_name>'")
-    return job_id, name
 
 
 # ------------------------------------------------------------------------------- tensors

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
-import string
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,33 +33,17 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from training.faults import fault_point
+from training.sdk.names import (  # the name grammars, importable from here as before
+    CROSS_JOB_SCHEME,  # noqa: F401
+    TINKER_SCHEME,  # noqa: F401
+    make_cross_job_ref,  # noqa: F401
+    make_tinker_path,  # noqa: F401
+    new_job_id,
+    parse_checkpoint_ref,  # noqa: F401
+    parse_tinker_path,  # noqa: F401
+    validate_name,
+)
 
-CROSS_JOB_SCHEME = "cross_job://"
-TINKER_SCHEME = "tinker://"
-"""Tinker's checkpoint paths: ``tinker://<job>/weights/<name>`` (train states) and
-``tinker://<job>/sampler_weights/<name>`` (sampler snapshots); accepted wherever ours are."""
-
-
-def parse_tinker_path(path: str) -> tuple[str, str, str]:
-    """``tinker://<job>/<weights|sampler_weights>/<name>`` -> (job, kind, name), kind being
-    ``"state"`` or ``"sampler"``.
-
-    Raises:
-        ValueError: not of that shape.
-    """
-    job_id, kind, name = (path[len(TINKER_SCHEME):].split("/", 2) + ["", ""])[:3]
-    kinds = {"weights": "state", "sampler_weights": "sampler"}
-    if not path.startswith(TINKER_SCHEME) or kind not in kinds or not job_id or not name \
-            or "/" in name:
-        raise ValueError(f"tinker path {path!r} is malformed: expected "
-                         f"'tinker://<run_id>/weights/<name>' (a train state) or "
-                         f"'tinker://<run_id>/sampler_weights/<name>' (a sampler snapshot)")
-    return validate_name(job_id, "run id"), kinds[kind], validate_name(name)
-
-
-def make_tinker_path(job_id: str, kind: str, name: str) -> str:
-    """The ``tinker://`` path of a train state (``kind="state"``) or sampler snapshot."""
-    return f"{TINKER_SCHEME}{job_id}/{'weights' if kind == 'state' else 'sampler_weights'}/{name}"
 META_FILE = "meta.json"
 DEFAULT_ACCOUNT = "local"
 
@@ -74,8 +56,6 @@ WEIGHTS_MANIFEST_FILE = "weights_manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 """The PEFT file that marks a LoRA adapter snapshot."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_JOB_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
 class StoreError(Exception):
@@ -102,46 +82,6 @@ def default_storage_root() -> str:
 
 def default_account() -> str:
     return os.environ.get("HOMEFIRE_ACCOUNT", DEFAULT_ACCOUNT)
-
-
-def validate_name(name: str, what: str = "checkpoint name") -> str:
-    """Names become directory names in the store: refuse anything that could escape or collide."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"invalid {what} {name!r}: use 1-128 characters of letters, digits, "
-                         f"'.', '_' or '-', starting with a letter or digit")
-    return name
-
-
-def new_job_id() -> str:
-    """A 16-character lowercase id, shaped like the hosted service's trainer job ids."""
-    return "".join(secrets.choice(_JOB_ID_ALPHABET) for _ in range(16))
-
-
-def make_cross_job_ref(job_id: str, name: str) -> str:
-    return f"{CROSS_JOB_SCHEME}{job_id}/{name}"
-
-
-def parse_checkpoint_ref(ref: str, default_job_id: str | None = None) -> tuple[str, str]:
-    """``cross_job://job/name``, ``tinker://job/weights/name``, ``job:name`` or (with a default
-    job) a bare ``name`` -> (job, name)."""
-    if ref.startswith(TINKER_SCHEME):
-        job_id, kind, name = parse_tinker_path(ref)
-        if kind != "state":
-            raise ValueError(f"{ref!r} is a sampler snapshot, not a train state: load_state "
-                             f"needs a save_state path ('tinker://<run_id>/weights/<name>')")
-    elif ref.startswith(CROSS_JOB_SCHEME):
-        job_id, _, name = ref[len(CROSS_JOB_SCHEME):].partition("/")
-    elif ":" in ref and "://" not in ref:
-        job_id, _, name = ref.partition(":")
-    elif default_job_id is not None:
-        job_id, name = default_job_id, ref
-    else:
-        raise ValueError(f"checkpoint reference {ref!r} names no job: use 'job_id:checkpoint_name' "
-                         f"or 'cross_job://job_id/checkpoint_name'")
-    if not job_id or not name:
-        raise ValueError(f"checkpoint reference {ref!r} is incomplete: expected "
-                         f"'job_id:checkpoint_name' or 'cross_job://job_id/checkpoint_name'")
-    return job_id, name
 
 
 @dataclass

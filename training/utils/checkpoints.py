@@ -29,7 +29,8 @@ import torch
 
 from training.faults import fault_point
 from training.sdk import distributed
-from training.sdk.store import CheckpointStore, StoreError, parse_checkpoint_ref
+from training.sdk.names import parse_checkpoint_ref, parse_model_name
+from training.sdk.store import CheckpointStore, StoreError
 from training.sdk.train_state import StateCorruptError
 from training.sdk.training_client import TrainingClient
 from training.utils.config import ConfigError
@@ -576,16 +577,11 @@ def _promoted_checkpoint_names(store: CheckpointStore, job_id: str) -> set[str]:
 
     names = set()
     for model in ModelRegistry(store).list_models():
-        meta = store.read_meta(store.model_dir(*_account_and_id(model["name"])))
+        meta = store.read_meta(store.model_dir(*parse_model_name(model["name"])))
         if meta is not None and meta.extra.get("source_job_id") == job_id:
             snapshot = str(meta.extra.get("source_checkpoint_id", ""))
             names.update({snapshot, snapshot.rsplit("-", 1)[0]})
     return names
-
-
-def _account_and_id(model_name: str) -> tuple[str, str]:
-    parts = model_name.split("/")  # accounts/<account>/models/<id>
-    return parts[1], parts[3]
 
 
 def promote_from_log(log: CheckpointLog, store: CheckpointStore, output_model_id: str, *,

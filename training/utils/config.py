@@ -196,7 +196,7 @@ def validate_common(config: Any) -> None:
                           f"{config.max_non_finite_steps}")
     init = getattr(config, "init_from_checkpoint", None)
     if init is not None:
-        from training.sdk.store import validate_name
+        from training.sdk.names import validate_name
 
         job, _, name = init.partition(":")
         try:
