@@ -114,3 +114,14 @@ def test_orpo_loss_stays_finite_when_the_model_is_certain():
         orpo_loss(chosen, chosen, torch.tensor([1.0, 0.0]), torch.ones(2), orpo_lambda=0.5)
     with pytest.raises(ValueError, match="orpo_lambda must be > 0"):
         orpo_loss(chosen, chosen, torch.ones(2), torch.ones(2), orpo_lambda=0)
+
+
+def test_loss_fn_type_names_exactly_the_builtin_losses():
+    """``LossFnType`` (the Literal type checkers read) and ``BUILTIN_LOSSES`` (what runs) are
+    written separately: they must name the same losses."""
+    import typing
+
+    from training.sdk.losses import BUILTIN_LOSSES
+    from training.sdk.types import LossFnType
+
+    assert set(typing.get_args(LossFnType)) == set(BUILTIN_LOSSES)

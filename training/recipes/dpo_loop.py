@@ -28,9 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.sdk import GradAccNormalization
-from training.sdk.training_client import CustomLossFn
-from training.sdk.types import Datum
+from training.sdk import CustomLossFn, Datum, GradAccNormalization
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import LongRowPolicy, SupervisedDataset
 from training.utils.losses import DPOLossType, dpo_loss

@@ -44,11 +44,18 @@ from typing import Any
 
 import torch
 
-from training.sdk import GradAccNormalization, SamplingClient, WeightSyncer, distributed
-from training.sdk.service_client import ServiceClient
-from training.sdk.snapshots import make_snapshot_identity
-from training.sdk.training_client import CustomLossFn, TrainingClient
-from training.sdk.types import Datum, SamplingParams
+from training.sdk import (
+    CustomLossFn,
+    Datum,
+    GradAccNormalization,
+    SamplingClient,
+    SamplingParams,
+    ServiceClient,
+    TrainingClient,
+    WeightSyncer,
+    distributed,
+    make_snapshot_identity,
+)
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import SupervisedDataset
 from training.utils.lr_schedule import LRSchedule

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.sdk import GradAccNormalization
-from training.sdk.tiny_model import SAMPLE_CHATS_PATH
+from training.sdk import SAMPLE_CHATS_PATH, GradAccNormalization
 from training.utils.config import TrainConfig, validate_common
 from training.utils.data import (
     LongRowPolicy,

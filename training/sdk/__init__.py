@@ -4,6 +4,7 @@ Import from here only (``from training.sdk import ServiceClient, Datum, ...``): 
 against the hosted SDK ports by changing its imports.
 """
 
+from training.sdk.choices import Choice
 from training.sdk.deployments import (
     DeltaReferenceMismatchError,
     Deployment,
@@ -13,6 +14,7 @@ from training.sdk.deployments import (
     DeploymentNotReadyError,
     HotloadError,
 )
+from training.sdk.names import make_snapshot_identity
 from training.sdk.registry import (
     FireworksClient,
     InvalidModelIdError,
@@ -31,7 +33,9 @@ from training.sdk.store import (
     JobNotFoundError,
     StoreError,
 )
+from training.sdk.tiny_model import SAMPLE_CHATS_PATH
 from training.sdk.training_client import (
+    CustomLossFn,
     NonFiniteWeightsError,
     TrainingClient,
     TrainingUsageError,
@@ -71,6 +75,7 @@ __all__ = [
     "LoadStateResponse", "ModelInput", "ModelRegistry", "OptimStepResponse", "SaveSamplerResult",
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
     "NonFiniteWeightsError", "TensorData", "TrainingClient", "TrainingUsageError",
-    "datum_from_model_input_weights", "MixedPrecision", "Pooling",
+    "datum_from_model_input_weights", "MixedPrecision", "Pooling", "Choice", "CustomLossFn",
+    "SAMPLE_CHATS_PATH", "make_snapshot_identity",
     "validate_output_model_id",
 ]

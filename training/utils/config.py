@@ -156,6 +156,11 @@ class TrainConfig:
     infra: InfraConfig = field(default_factory=InfraConfig)
 
 
+def tokenizer_name(config: Any) -> str:
+    """The tokenizer a run uses: ``tokenizer_model``, else the base model's."""
+    return config.tokenizer_model or config.base_model
+
+
 def validate_common(config: Any) -> None:
     """Checks shared by all recipes; raise :class:`ConfigError` naming the field."""
     if not getattr(config, "log_path", None) or config.log_path == "???":

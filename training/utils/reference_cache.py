@@ -37,7 +37,7 @@ from training.sdk import distributed
 from training.sdk.service_client import ServiceClient
 from training.sdk.store import CheckpointStore, StoreError
 from training.sdk.training_client import TrainingClient, resolve_autocast_dtype, resolve_device
-from training.utils.config import TrainConfig
+from training.utils.config import TrainConfig, tokenizer_name
 from training.utils.preference_data import PreferenceExample, pair_datums, sequence_logprobs
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def reference_identity(config: TrainConfig, dataset_fingerprint: str, **extra: A
     autocast = resolve_autocast_dtype(config.infra.mixed_precision, device)
     return {"dataset_fingerprint": dataset_fingerprint, "dataset_split": config.dataset_split,
             "base_model": config.base_model, "init_from_checkpoint": config.init_from_checkpoint,
-            "tokenizer_model": config.tokenizer_model or config.base_model,
+            "tokenizer_model": tokenizer_name(config),
             "max_seq_len": config.max_seq_len, "device_type": device.type,
             "autocast_dtype": str(autocast).removeprefix("torch.") if autocast else "float32",
             **extra}

@@ -54,6 +54,7 @@ from training.utils.config import (
     TrainConfig,
     apply_infra,
     config_to_dict,
+    tokenizer_name,
     validate_common,
 )
 from training.utils.data import SupervisedDataset, dataset_fingerprint
@@ -113,11 +114,6 @@ class RunLock:
         """Release the lock (safe to call twice)."""
         if not self._file.closed:
             self._file.close()
-
-
-def tokenizer_name(config: TrainConfig) -> str:
-    """The tokenizer a run uses: ``tokenizer_model``, else the base model's."""
-    return config.tokenizer_model or config.base_model
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
