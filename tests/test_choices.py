@@ -14,6 +14,7 @@ import training.recipes.dpo_loop
 import training.recipes.embedding_loop
 import training.recipes.rl_loop
 import training.recipes.sft_loop  # noqa: F401 (every recipe's choices are defined)
+import training.utils.preference_data  # noqa: F401
 from training.recipes.sft_loop import Config
 from training.sdk import GradAccNormalization, MixedPrecision
 from training.sdk.choices import Choice
@@ -35,7 +36,9 @@ def test_every_member_is_named_as_its_value_so_the_command_line_parses_it():
     choices = _all_choices()
     assert {c.__name__ for c in choices} >= {"LRSchedule", "LongRowPolicy", "NonFinitePolicy",
                                              "GradAccNormalization", "MixedPrecision", "Pooling",
-                                             "DPOLossType", "RLLoss"}
+                                             "DPOLossType", "RLLoss", "Engine", "SnapshotType",
+                                             "DeploymentCleanup", "PreferenceFormat",
+                                             "CustomOutput"}
     for cls in choices:
         for member in cls:  # canonical members (aliases such as NUM_LOSS_TOKENS excluded)
             assert member.name == member.value, f"{cls.__name__}.{member.name}"

@@ -46,6 +46,7 @@ from training.sdk.train_state import (
 from training.sdk.train_state_saves import TrainStateSaves
 from training.sdk.types import (
     AdamParams,
+    CustomOutput,
     Datum,
     ForwardBackwardOutput,
     GradAccNormalization,
@@ -292,11 +293,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         loss; ``num_loss_tokens`` counts one per datum.
         """
         self._check_trainable("forward_backward_custom")
-        if output not in ("logprobs", "embedding"):
-            raise ValueError(f"output={output!r}: expected 'logprobs' or 'embedding'")
+        output = CustomOutput.parse(output, "output")
         pooling = Pooling.parse(pooling, "pooling")
         datums = [as_datum(d) for d in data]
-        if output == "embedding":
+        if output == CustomOutput.embedding:
             values, anchor = self._embeddings(datums, pooling)
             loss_tokens = len(datums)
         else:
@@ -319,7 +319,7 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         with collective("running the backward pass"):
             loss.backward()
         self._note_backward(len(datums), loss_tokens)
-        output_key = "embedding" if output == "embedding" else "logprobs"
+        output_key = output.value
         return _done(ForwardBackwardOutput(
             loss_fn_output_type="custom",
             loss_fn_outputs=[{output_key: TensorData.from_torch(v.detach().float())}

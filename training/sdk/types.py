@@ -289,6 +289,15 @@ class MixedPrecision(Choice):
         return cls.no if value in ("fp32", "none") else None
 
 
+class CustomOutput(Choice):
+    """What ``forward_backward_custom`` hands the custom loss, per datum."""
+
+    logprobs = "logprobs"
+    """The per-token logprobs of the datum's targets (1-D, with grad)."""
+    embedding = "embedding"
+    """The final hidden states pooled into one ``[hidden_size]`` vector (``pooling``)."""
+
+
 class Pooling(Choice):
     """How ``forward_backward_custom(output="embedding")`` pools a datum's final hidden
     states into one embedding."""

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from training.sdk.deployments import DeploymentManager, HotloadError
+from training.sdk.snapshots import SnapshotType
 from training.sdk.store import StoreError
 from training.sdk.training_client import TrainingClient
 
@@ -52,9 +53,8 @@ class WeightSyncer:
         if self.compression_format != "arc_v2":
             raise ValueError(f"compression_format={self.compression_format!r}: only 'arc_v2' "
                              f"(zstd deltas) exists")
-        if self.first_checkpoint_type not in ("base", "delta"):
-            raise ValueError(f"first_checkpoint_type={self.first_checkpoint_type!r}: expected "
-                             f"'base' or 'delta'")
+        self.first_checkpoint_type = SnapshotType.parse(self.first_checkpoint_type,
+                                                        "first_checkpoint_type")
         if self.deploy_mgr is not None and self.deployment_id is None:
             raise ValueError("WeightSyncer got a deploy_mgr but no deployment_id to sync to")
 
