@@ -116,3 +116,46 @@ def test_a_full_log_path_stops_naming_the_file_and_the_intact_checkpoint(tmp_pat
     assert "intact" in message
     assert f"on log_path ({log_disk / 'run'})" in message or str(log_disk / "run") in message
     assert "the store" not in message  # the log_path is full, not the store
+
+
+def test_a_promotion_on_a_full_disk_names_the_model_and_leaves_nothing_half_made(
+        tmpfs, tiny_model_dir):
+    from training.sdk import ModelRegistry, ServiceClient
+    from training.sdk.registry import PromotionWriteError
+
+    mount = tmpfs("2m")  # the snapshot (1.3 MB) fits, a second copy of it does not
+    client = ServiceClient(str(mount / "store"), device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL)
+    saved = client.save_weights_for_sampler_ext("final", checkpoint_type="base")
+    registry = ModelRegistry(client.store)
+    name = registry.checkpoint_name(client.job_id, saved.snapshot_name)
+    with pytest.raises(PromotionWriteError) as full:
+        registry.promote_checkpoint(name=name, output_model_id="full-disk",
+                                    base_model=TEST_MODEL)
+    message = str(full.value)
+    assert "accounts/local/models/full-disk" in message
+    assert "[Errno 28] No space left on device. Nothing was promoted" in message
+    assert registry.list_models() == []  # no half-copied model is visible
+    # The snapshot is intact: with more space, the same promotion succeeds.
+    subprocess.run(["mount", "-o", "remount,size=4m", str(mount)], check=True)
+    model = registry.promote_checkpoint(name=name, output_model_id="full-disk",
+                                        base_model=TEST_MODEL)
+    assert [m["name"] for m in registry.list_models()] == [model["name"]]
+
+
+def test_a_reference_cache_write_on_a_full_disk_names_the_cache_file(tmp_path, tmpfs,
+                                                                     tiny_model_dir):
+    """DPO's reference log-probs are cached in the store; a full store stops the run with the
+    cache file named, before any training step."""
+    from training.recipes.dpo_loop import Config as DPOConfig
+    from training.recipes.dpo_loop import main as dpo_main
+
+    mount = tmpfs("8k")  # the job record fits, the reference log-probs of 400 pairs do not
+    config = DPOConfig(log_path=str(tmp_path / "dpo"), base_model=TEST_MODEL, batch_size=4,
+                       max_steps=2, infra=InfraConfig(storage_root=str(mount / "store"),
+                                                      num_threads=1, mixed_precision="no"))
+    with pytest.raises(StoreError, match=r"caching the reference log-probs in .*/store/cache/"
+                                         r"reference_logprobs/ref-.*\.pt failed: \[Errno 28\] "
+                                         r"No space left on device. Nothing was trained yet"):
+        dpo_main(config)
+    assert checkpoint_rows(tmp_path / "dpo") == []

@@ -52,7 +52,7 @@ from training.sdk.store import (
 __all__ = [
     "MAX_MODEL_ID_LENGTH", "TRAINING_STATE", "BaseModelMismatchError", "CheckpointNotFoundError",
     "FireworksClient", "InvalidModelIdError", "JobNotFoundError", "ModelExistsError",
-    "ModelNotFoundError", "ModelRegistry", "NotPromotableError", "RegistryError",
+    "ModelNotFoundError", "ModelRegistry", "NotPromotableError", "PromotionWriteError", "RegistryError",
     "validate_output_model_id",
 ]
 
@@ -77,6 +77,11 @@ class RegistryError(Exception):
 
 class InvalidModelIdError(RegistryError, ValueError):
     """``output_model_id`` breaks the model id rules (see :func:`validate_output_model_id`)."""
+
+
+class PromotionWriteError(RegistryError, OSError):
+    """The promoted model could not be written (full or read-only store); the message names
+    the model, the path and the cause. Nothing is half-promoted."""
 
 
 class NotPromotableError(RegistryError, ValueError):
@@ -264,12 +269,19 @@ class ModelRegistry:
                                      f"{snapshot.snapshot_type} snapshot (already full weights)")
         source_dir = self.store.sampler_dir(job.job_id, snapshot.name)
         # staging_dir removes a half-copied directory left by an interrupted promotion.
-        with self.store.staging_dir(model_dir) as staging:
-            if merge:
-                self._merge_adapter(job, source_dir, staging)
-            else:
-                self._copy_snapshot_files(source_dir, staging)
-            _check_finite_files(staging, f"promoting {name}")
+        try:
+            with self.store.staging_dir(model_dir) as staging:
+                if merge:
+                    self._merge_adapter(job, source_dir, staging)
+                else:
+                    self._copy_snapshot_files(source_dir, staging)
+                _check_finite_files(staging, f"promoting {name}")
+        except (OSError, shutil.Error) as e:  # full or read-only store: nothing was committed
+            raise PromotionWriteError(
+                f"promoting {name} to {model_resource_name(account, output_model_id)} failed "
+                f"writing {self.store.url(model_dir)}: {_first_os_error(e)}. Nothing was "
+                f"promoted and the checkpoint is intact: free space on (or make writable) the "
+                f"store and promote again (a recipe's rerun does)") from e
         now = time.time()
         model_type = "INFERENCE_BASE" if merge else snapshot.snapshot_type
         meta = EntryMeta(
@@ -459,6 +471,18 @@ def _normalize_promote_args(name: str | None, output_model_id: str | None,
         raise TypeError("promote_checkpoint() needs name= (the 4-segment checkpoint name from "
                         "list_checkpoints), or the deprecated job_id= and checkpoint_id=")
     return (job_id, checkpoint_id), output_model_id, base_model, True
+
+
+def _first_os_error(error: BaseException) -> str:
+    """The cause of a failed write in one line (``shutil.copytree`` gathers one error per
+    file into a list of ``(source, destination, reason)``)."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) \
+            and error.args[0]:
+        reason = str(error.args[0][0][-1])
+        return reason.split(": '", 1)[0]  # "[Errno 28] No space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return str(error)
 
 
 def _check_finite_files(directory: str, what: str) -> None:

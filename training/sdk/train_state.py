@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import pickle
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -77,12 +78,28 @@ def dcp_call(fn: Callable[..., Any], state: dict[str, Any], directory: str, what
                 fn(state, storage_reader=dcp.FileSystemReader(directory),
                    process_group=process_group)
     except CheckpointException as e:  # derives from BaseException, not Exception
+        if fn is dcp.save:
+            raise StoreError(f"{what} failed in {directory}: {_first_line(e)}"
+                             f"{_disk_full_hint(directory)}") from e
         raise StoreError(f"{what} failed in {directory}: {_first_line(e)}; the checkpoint is "
                          f"corrupt or incomplete: delete it or use an earlier one") from e
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         if isinstance(e, distributed.RankLostError):
             raise
-        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}") from e
+        raise StoreError(f"{what} failed in {directory}: {type(e).__name__}: {e}"
+                         f"{_disk_full_hint(directory) if fn is dcp.save else ''}") from e
+
+
+def _disk_full_hint(directory: str) -> str:
+    """torch's writer reports a full disk as ``unexpected pos 704 vs 598``: say what it means
+    when the filesystem is (almost) out of space."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if free >= 1 << 20:
+        return ""
+    return (f" (the filesystem holding it has {free} bytes free: No space left on device)")
 
 
 class StagingBuffers:
