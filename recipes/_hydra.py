@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def unknown_keys(cfg: Any, config_cls: type, prefix: str = "") -> Iterator[str]:
+    """Keys of ``cfg`` (a DictConfig or dict) that are not fields of the dataclass
+    ``config_cls``, nested configs included (``infra.nope``)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in cfg.keys():
+        if key not in fields:
+            yield f"{prefix}{key}"
+        elif dataclasses.is_dataclass(hints.get(key)) and hasattr(cfg[key], "keys"):
+            yield from unknown_keys(cfg[key], hints[key], f"{prefix}{key}.")
 
 
 def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
@@ -28,6 +43,13 @@ def run_recipe(name: str, config_cls: type, main: Callable[[Any], Any]) -> None:
 
     @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name=name)
     def _cli(cfg: DictConfig) -> None:
+        # Hydra's "+key=value" appends a key the schema lacks instead of refusing it.
+        unknown = list(unknown_keys(cfg, config_cls))
+        if unknown:
+            print(f"error: {name} has no field {', '.join(unknown)} (given as +key=value?); "
+                  f"the fields are listed by --help and in docs/recipes/{name}.md",
+                  file=sys.stderr)
+            sys.exit(2)
         try:
             config = OmegaConf.to_object(cfg)
         except MissingMandatoryValue as e:

@@ -87,3 +87,14 @@ def test_the_command_line_parses_choices_by_name_and_refuses_others(tmp_path):
     refused = _cli(f"log_path={tmp_path}/run", "lr_schedule=cosnie")
     assert refused.returncode != 0
     assert "lr_schedule" in refused.stderr and "constant, linear, cosine" in refused.stderr
+
+
+def test_the_command_line_refuses_keys_the_config_lacks_in_every_form(tmp_path):
+    """``key=value`` of an unknown key is Hydra's error; ``+key=value`` (which Hydra would
+    append and the recipe ignore) is refused too, nested keys included."""
+    for override in ("eval_dataset=x.jsonl", "+eval_dataset=x.jsonl", "+infra.nope=1"):
+        refused = _cli(f"log_path={tmp_path}/run", override)
+        assert refused.returncode != 0, override
+        key = override.lstrip("+").split("=")[0]
+        assert key.split(".")[-1] in refused.stderr, (override, refused.stderr)
+    assert not (tmp_path / "run").exists()

@@ -242,3 +242,16 @@ def test_lora_policy_is_served_and_resumes_exactly(tmp_path):
     # Trainer and deployment agree on the sampled tokens' logprobs: it served this adapter.
     ratios = [m["ratio_mean"] for m in read_metrics(log) if m.get("ratio_mean") is not None]
     assert ratios and all(abs(r - 1) < 1e-3 for r in ratios)
+
+
+def test_the_engine_field_picks_the_rollout_engine_and_refuses_one_that_cannot_run(tmp_path):
+    from training.recipes.rl_loop import validate
+    from training.sdk import Engine, vllm_available
+    from training.utils import ConfigError
+
+    config = Config(log_path=str(tmp_path / "rl"), engine="transformers")
+    validate(config)
+    assert config.engine is Engine.transformers
+    if not vllm_available():
+        with pytest.raises(ConfigError, match="engine=vllm needs the vllm package"):
+            validate(Config(log_path=str(tmp_path / "rl"), engine="vllm"))

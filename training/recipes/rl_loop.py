@@ -47,6 +47,7 @@ import torch
 from training.sdk import (
     CustomLossFn,
     Datum,
+    Engine,
     GradAccNormalization,
     SamplingClient,
     SamplingParams,
@@ -55,6 +56,7 @@ from training.sdk import (
     WeightSyncer,
     distributed,
     make_snapshot_identity,
+    vllm_available,
 )
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import SupervisedDataset
@@ -101,6 +103,9 @@ class Config(TrainConfig):
     """Longest completion, in tokens (the prompt gets max_seq_len minus this)."""
     temperature: float = 1.0
     """Sampling temperature (> 0). The losses assume inference log-probs at temperature 1."""
+    engine: Engine = Engine.auto
+    """Inference engine of the rollouts: 'auto' (vLLM where installed with a CUDA GPU, else
+    transformers), 'transformers' or 'vllm' (refused at start where it cannot run)."""
     epochs: int = 2
     """Passes over the prompts (2 x 120 bundled prompts / batch 8 = 30 steps)."""
     learning_rate: float = 2e-3
@@ -140,6 +145,9 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
+    if config.engine == Engine.vllm and not vllm_available():
+        raise ConfigError("engine=vllm needs the vllm package (pip install 'homefire[vllm]') and "
+                          "a CUDA GPU; use engine=transformers or auto")
     if config.loss in BUILTIN_RL_LOSSES and config.kl_beta > 0:
         raise ConfigError(f"loss={config.loss!r} is the trainer's built-in loss, which has no "
                           f"KL term: set kl_beta=0, or use loss=grpo/dapo/gspo/cispo")
@@ -346,6 +354,7 @@ class PolicySync:
     """
 
     def __init__(self, service: ServiceClient, client: TrainingClient, config: Config) -> None:
+        service.config.engine = config.engine  # before the deployment is created
         self.sampler = service.create_sampling_client()
         self.store = service.store
         self.client = client
@@ -383,7 +392,7 @@ def main(config: Config) -> RunResult:
     with ResumableRun(config, recipe="rl_loop", dataset=dataset, identity={
             "reward_fn": config.reward_fn, "group_size": config.group_size,
             "max_completion_tokens": config.max_completion_tokens,
-            "temperature": config.temperature, "loss": config.loss,
+            "temperature": config.temperature, "engine": config.engine, "loss": config.loss,
             "clip": [clip_low, clip_high], "tis_cap": config.tis_cap,
             "kl_beta": config.kl_beta, "off_policy": config.off_policy,
             **({"dro_beta": config.dro_beta} if config.loss == "dro" else {})}) as run:

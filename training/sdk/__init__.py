@@ -14,6 +14,7 @@ from training.sdk.deployments import (
     DeploymentNotReadyError,
     HotloadError,
 )
+from training.sdk.engines import Engine, vllm_available
 from training.sdk.names import make_snapshot_identity
 from training.sdk.registry import (
     FireworksClient,
@@ -76,6 +77,6 @@ __all__ = [
     "SaveStateResponse", "SaveWeightsForSamplerResponse", "ServiceClient", "StoreError",
     "NonFiniteWeightsError", "TensorData", "TrainingClient", "TrainingUsageError",
     "datum_from_model_input_weights", "MixedPrecision", "Pooling", "Choice", "CustomLossFn",
-    "SAMPLE_CHATS_PATH", "make_snapshot_identity",
+    "SAMPLE_CHATS_PATH", "make_snapshot_identity", "Engine", "vllm_available",
     "validate_output_model_id",
 ]
