@@ -94,3 +94,18 @@ def test_a_step_without_end_step_is_refused(tmp_path, tiny_model_dir):
         with pytest.raises(RuntimeError, match="without run.end_step"):
             for _ in run.batches():
                 pass
+
+
+def test_min_lr_ratio_sets_where_the_schedule_ends_and_is_range_checked(tmp_path, tiny_model_dir):
+    from training.utils import ConfigError
+
+    config = _config(tmp_path)
+    config.lr_schedule, config.min_lr_ratio, config.learning_rate = "cosine", 0.1, 1e-3
+    dataset = SupervisedDataset(list(range(12)), seed=0)
+    with ResumableRun(config, recipe="sft_loop", dataset=dataset, identity={}) as run:
+        assert run.adam_params(0).learning_rate == pytest.approx(1e-3)
+        assert run.adam_params(run.total_steps).learning_rate == pytest.approx(1e-4)
+    config.min_lr_ratio = 1.5
+    with pytest.raises(ConfigError, match=r"min_lr_ratio must be a finite number in \[0, 1\]"):
+        ResumableRun(config, recipe="sft_loop", dataset=SupervisedDataset([1], seed=0),
+                     identity={})

@@ -100,6 +100,9 @@ class TrainConfig:
     """'constant', 'linear' or 'cosine' decay after warm-up."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
+    min_lr_ratio: float = 0.0
+    """Where 'linear' and 'cosine' decay end, as a fraction of learning_rate (0.1: decay to a
+    tenth); in [0, 1]."""
     adam_beta1: float = 0.9
     """AdamW first-moment decay."""
     adam_beta2: float = 0.95
@@ -244,8 +247,8 @@ NON_FINITE_POLICIES = NonFinitePolicy.values()
 """Values of ``non_finite_policy``."""
 
 TRAJECTORY_FIELDS = (
-    "learning_rate", "lr_schedule", "warmup_steps", "adam_beta1", "adam_beta2", "adam_eps",
-    "weight_decay", "grad_clip_norm", "epochs", "max_steps", "lora_alpha", "lora_dropout",
+    "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio", "adam_beta1", "adam_beta2",
+    "adam_eps", "weight_decay", "grad_clip_norm", "epochs", "max_steps", "lora_alpha", "lora_dropout",
     "lora_target_modules", "non_finite_policy", "max_non_finite_steps",
 )
 """Fields of every recipe that change the training trajectory: part of a run's identity, so a
@@ -261,6 +264,7 @@ _RANGES: dict[str, tuple[str, Any]] = {
     "weight_decay": ("non-negative", ">= 0"),
     "grad_clip_norm": ("non-negative", ">= 0 (0 = off)"),
     "warmup_steps": ("non-negative", ">= 0"),
+    "min_lr_ratio": ("fraction", "in [0, 1]"),
     "lora_dropout": ("unit", "in [0, 1)"),
     "temperature": ("positive", "> 0"),
     "beta": ("positive", "> 0"),
@@ -278,7 +282,7 @@ def _check_optimizer_fields(config: Any) -> None:
             continue
         ok = math.isfinite(value) and {
             "positive": value > 0, "non-negative": value >= 0,
-            "unit": 0 <= value < 1}[rule]
+            "unit": 0 <= value < 1, "fraction": 0 <= value <= 1}[rule]
         if not ok:
             raise ConfigError(f"{name} must be a finite number {text}, got {value}")
 

@@ -480,7 +480,7 @@ class ResumableRun:
         config = self.config
         step = self.step if step is None else step
         lr = lr_at(step, self.total_steps, config.learning_rate, config.lr_schedule,
-                   config.warmup_steps)
+                   config.warmup_steps, config.min_lr_ratio)
         return AdamParams(learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2,
                           eps=config.adam_eps, weight_decay=config.weight_decay,
                           grad_clip_norm=config.grad_clip_norm)
