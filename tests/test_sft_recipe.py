@@ -239,3 +239,23 @@ def test_hydra_cli_help_cfg_and_errors(tmp_path):
     helped = run("--help")
     assert helped.returncode == 0 and "dcp_save_interval: 0" in helped.stdout
     assert "log_path: ???" in helped.stdout  # required, shown as Hydra's missing marker
+
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+
+
+def test_chat_template_override_renders_the_data_and_ships_with_the_model(tmp_path, chats):
+    template_file = tmp_path / "plain.jinja"
+    template_file.write_text(TEMPLATE)
+    result = main(_config(tmp_path, chat_template=str(template_file), max_steps=2,
+                          output_model_id="templated"))
+    tokenizer = AutoTokenizer.from_pretrained(result.promoted_model["path"])
+    assert tokenizer.chat_template == TEMPLATE
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<|im_start|>user: hi<|im_end|>"
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(run["chat_template_sha256"]) == 16  # a changed template is a changed run
+    with pytest.raises(ConfigError, match=r"chat_template='missing.jinja' is neither a Jinja "
+                                          r"template nor a readable file"):
+        main(_config(tmp_path, log_name="other", chat_template="missing.jinja"))

@@ -80,6 +80,9 @@ class TrainConfig:
     (accounts/<a>/models/<id>) or a Hugging Face hub id."""
     tokenizer_model: str | None = None
     """Tokenizer (with chat template) to render the data; default: base_model's."""
+    chat_template: str | None = None
+    """A Jinja chat template to render the data with instead of the tokenizer's, or the path
+    of a file holding one; the promoted model ships with it. Default: the tokenizer's own."""
     dataset: str = ""
     """Training data: a JSONL file or any `datasets` source (each recipe documents its format
     and bundled default)."""
@@ -159,6 +162,25 @@ class TrainConfig:
     infra: InfraConfig = field(default_factory=InfraConfig)
 
 
+def resolve_chat_template(config: Any) -> str | None:
+    """The text of ``config.chat_template``: the template itself, or the file it names.
+
+    Raises:
+        ConfigError: a path that does not exist or cannot be read.
+    """
+    value = getattr(config, "chat_template", None)
+    if not value or "{" in value:  # Jinja templates always hold a {{ ... }} or {% ... %}
+        return value or None
+    path = os.path.expanduser(value)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"chat_template={value!r} is neither a Jinja template nor a readable "
+                          f"file ({e.strerror}); pass the template text or the path of a "
+                          f".jinja file") from None
+
+
 def tokenizer_name(config: Any) -> str:
     """The tokenizer a run uses: ``tokenizer_model``, else the base model's."""
     return config.tokenizer_model or config.base_model
@@ -199,6 +221,7 @@ def validate_common(config: Any) -> None:
         raise ConfigError(f"dcp_save_interval must be >= 0 (0 = off), got "
                           f"{config.dcp_save_interval}")
     _check_optimizer_fields(config)
+    resolve_chat_template(config)
     if getattr(config, "max_non_finite_steps", 1) < 1:
         raise ConfigError(f"max_non_finite_steps must be >= 1, got "
                           f"{config.max_non_finite_steps}")

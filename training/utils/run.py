@@ -20,6 +20,7 @@ and releases the log_path lock and the SIGTERM handler.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ from training.utils.config import (
     TrainConfig,
     apply_infra,
     config_to_dict,
+    resolve_chat_template,
     tokenizer_name,
     validate_common,
 )
@@ -117,10 +119,15 @@ class RunLock:
 
 
 def load_run_tokenizer(config: TrainConfig) -> Any:
-    """The run's tokenizer (:func:`tokenizer_name`), loaded before any model is."""
+    """The run's tokenizer (:func:`tokenizer_name`, with ``chat_template`` if set), loaded
+    before any model is."""
     from training.sdk.models import load_tokenizer
 
-    return load_tokenizer(tokenizer_name(config), CheckpointStore(config.infra.storage_root))
+    tokenizer = load_tokenizer(tokenizer_name(config), CheckpointStore(config.infra.storage_root))
+    template = resolve_chat_template(config)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 class LogPathError(RuntimeError):
@@ -171,8 +178,11 @@ class ResumableRun:
         """Optimizer steps of the whole run."""
         self.data_limit = config.epochs * len(dataset)
         """Examples the whole run consumes (``epochs`` passes over the dataset)."""
+        template = resolve_chat_template(config)
         self._identity = {
             "tokenizer_model": tokenizer_name(config), "max_seq_len": config.max_seq_len,
+            **({"chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
+               if template is not None else {}),
             "dataset_fingerprint": dataset_fingerprint(config.dataset,
                                                        split=config.dataset_split),
             **identity}
@@ -378,6 +388,9 @@ class ResumableRun:
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules)
+        template = resolve_chat_template(config)
+        if template is not None:  # sampler snapshots, and so the promoted model, carry it
+            self.client.tokenizer.chat_template = template
         distributed.on_main(self._record_job)
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
