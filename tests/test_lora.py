@@ -289,3 +289,76 @@ def test_lora_clients_and_references_share_one_copy_of_the_base(store_root, tiny
     assert all(torch.equal(p, before[n]) for n, p in second.model.named_parameters())
     tied = reference.model.lm_head.weight is reference.model.model.embed_tokens.weight
     assert tied == reference.model.config.tie_word_embeddings
+
+
+def _tiny_arch(arch: str):
+    import transformers
+
+    common = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=64,
+                                                  num_key_value_heads=2, **common),
+        "qwen2": lambda: transformers.Qwen2Config(hidden_size=32, intermediate_size=64,
+                                                  num_key_value_heads=2, **common),
+        "mistral": lambda: transformers.MistralConfig(hidden_size=32, intermediate_size=64,
+                                                      num_key_value_heads=2, **common),
+        "gemma2": lambda: transformers.Gemma2Config(hidden_size=32, intermediate_size=64,
+                                                    num_key_value_heads=2, head_dim=8,
+                                                    **common),
+        "phi3": lambda: transformers.Phi3Config(hidden_size=32, intermediate_size=64,
+                                                num_key_value_heads=4, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2, **common),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                bos_token_id=1, eos_token_id=2),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[arch]())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+def test_default_targets_adapt_attention_and_mlp_and_merge_like_peft(arch, tmp_path):
+    """Every architecture's block projections are adapted by default (GPT-2's Conv1D, Phi-3's
+    fused qkv_proj / gate_up_proj included), and a deployment's merge of the saved adapter
+    equals peft's own merge_and_unload."""
+    from training.sdk.lora import _block_projections, apply_lora, lora_targets, save_adapter
+    from training.sdk.snapshots import merge_lora_weights
+
+    base = _tiny_arch(arch)
+    kinds = _block_projections(base)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = apply_lora(base, rank=4)
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1]
+               for name, _ in model.named_parameters() if "lora_A" in name}
+    assert {kinds[leaf] for leaf in adapted} == {"attn", "mlp"}, (arch, adapted)
+    assert set(lora_targets(_tiny_arch(arch), train_attn=False, train_unembed=False)) == {
+        leaf for leaf, kind in kinds.items() if kind == "mlp"}
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    ours = merge_lora_weights(base_weights, str(tmp_path / "adapter"), "test")
+    theirs = model.merge_and_unload().state_dict()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, msg=f"{arch}: {key}")
+
+
+def test_moe_experts_are_fused_parameters_and_the_default_says_so(caplog):
+    """transformers 5 keeps MoE experts as fused 3-D parameters, not Linear layers: the
+    default adapts attention only, and says so (experts are not adapted yet)."""
+    import logging
+
+    import transformers
+
+    from training.sdk.lora import apply_lora
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         moe_intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, head_dim=8)
+    with caplog.at_level(logging.WARNING, logger="training.sdk.lora"):
+        model = apply_lora(transformers.AutoModelForCausalLM.from_config(config), rank=4)
+    assert "experts as fused parameters" in caplog.text
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
+               if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}

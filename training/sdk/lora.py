@@ -14,30 +14,68 @@ logger = logging.getLogger(__name__)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 # The projections of every decoder block in Llama-style models (Qwen2/3, Llama, Mistral, ...):
-# attention and MLP, as in the LoRA and QLoRA papers' best settings.
+# attention and MLP, as in the LoRA and QLoRA papers' best settings. Other architectures get
+# their own block projections by the same rule (default_target_modules).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")
+ATTENTION_PARTS = ("attn", "attention", "self_attn")
+"""Module names whose projections are attention (``self_attn.q_proj``, GPT-2's
+``attn.c_attn``); the other projections of a block are its MLP."""
+UNEMBED_MODULES = ("lm_head",)
 
 
 class LoraError(ValueError):
     """A LoRA setting or adapter does not fit the model."""
 
 
-def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """The :data:`DEFAULT_TARGET_MODULES` this model has (Linear layers with those names)."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)}
-    found = [n for n in DEFAULT_TARGET_MODULES if n in names]
-    if not found:
-        raise LoraError(f"{type(model).__name__} has none of the default LoRA target modules "
-                        f"{DEFAULT_TARGET_MODULES}; set lora_target_modules to names of its "
-                        f"Linear layers (e.g. {sorted(names)[:6]})")
+def _block_projections(model: torch.nn.Module) -> dict[str, str]:
+    """Leaf name -> ``"attn"`` or ``"mlp"`` of every linear-like layer inside the model's
+    repeated blocks (``layers.3.self_attn.q_proj``, GPT-2's ``h.3.mlp.c_fc`` Conv1D, Phi-3's
+    fused ``qkv_proj`` / ``gate_up_proj``), in model order. MoE routers are left out: an
+    adapter on the router would change which experts run."""
+    from transformers.pytorch_utils import Conv1D
+
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        parts = name.split(".")
+        if not any(p.isdigit() for p in parts):  # not inside a numbered block (lm_head, ...)
+            continue
+        leaf = parts[-1]
+        if leaf in ("gate", "router") and _is_router(model, module):
+            continue
+        kind = "attn" if any(p in ATTENTION_PARTS for p in parts[:-1]) else "mlp"
+        found.setdefault(leaf, kind)
     return found
 
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
+def _is_router(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    return bool(experts) and getattr(module, "out_features", None) == experts
+
+
+def _warn_fused_experts(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        logger.warning("%s keeps its experts as fused parameters, not Linear layers: the "
+                       "default LoRA targets adapt its attention (and any dense MLP) but not "
+                       "the experts", type(model).__name__)
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """Every linear-like projection of the model's blocks, attention and MLP (for Llama-style
+    models exactly :data:`DEFAULT_TARGET_MODULES`); see :func:`_block_projections`."""
+    found = list(_block_projections(model))
+    if not found:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise LoraError(f"{type(model).__name__} has no Linear or Conv1D layers inside its "
+                        f"blocks to adapt; set lora_target_modules to names of its layers "
+                        f"(e.g. {names[:6]})")
+    _warn_fused_experts(model)
+    return found
 
 
 def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: bool = True,
@@ -52,13 +90,15 @@ def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: 
     Raises:
         LoraError: every switch is off, or the model has none of the asked modules.
     """
-    wanted = ((ATTENTION_MODULES if train_attn else ()) + (MLP_MODULES if train_mlp else ())
-              + (UNEMBED_MODULES if train_unembed else ()))
-    if not wanted:
+    if not (train_mlp or train_attn or train_unembed):
         raise LoraError("train_mlp, train_attn and train_unembed are all False: the adapter "
                         "would train nothing")
+    blocks = _block_projections(model)
+    wanted = tuple(leaf for leaf, kind in blocks.items()
+                   if (kind == "attn" and train_attn) or (kind == "mlp" and train_mlp))
+    wanted += UNEMBED_MODULES if train_unembed else ()
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)}
+             if isinstance(module, torch.nn.Linear)} | set(blocks)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         names -= set(UNEMBED_MODULES)
         if wanted == UNEMBED_MODULES:
@@ -83,9 +123,15 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
 
     if rank <= 0:
         raise LoraError(f"lora_rank must be > 0 to train an adapter, got {rank}")
+    from transformers.pytorch_utils import Conv1D
+
     targets = list(target_modules) if target_modules else default_target_modules(model)
+    # GPT-2's Conv1D stores [in, out] weights: peft needs fan_in_fan_out for it.
+    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets
+                 for n, m in model.named_modules())
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                        lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+                        lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        fan_in_fan_out=conv1d)
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -197,8 +197,10 @@ def merge_lora_weights(base: Mapping[str, torch.Tensor], adapter_dir: str,
             raise SnapshotMismatchError(f"snapshot {identity}: adapter module {module!r} has no "
                                         f"matching weight in the base model (or no lora_B)")
         weight = base[target]
-        merged[target] = (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(
-            weight.dtype)
+        delta = lora_b.float() @ lora_a.float()
+        if config.get("fan_in_fan_out"):  # GPT-2's Conv1D stores its weight as [in, out]
+            delta = delta.T
+        merged[target] = (weight.float() + scale * delta).to(weight.dtype)
     return merged
 
 
