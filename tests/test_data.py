@@ -609,3 +609,36 @@ def test_fingerprint_follows_file_contents(tmp_path):
     assert dataset_fingerprint(str(copy)) == before
     write_jsonl(path, [GOOD, GOOD])
     assert dataset_fingerprint(str(path)) != before
+
+
+def test_prompt_completion_and_text_rows_train_without_a_chat_template(tmp_path, tokenizer):
+    import pandas as pd
+
+    from training.utils.data import render_text
+
+    rows = [{"prompt": "2 + 2 =", "completion": " 4"}, {"text": "the sky is blue"},
+            {"messages": [USER, ASSISTANT]}]
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parquet = tmp_path / "mixed.parquet"
+    pd.DataFrame([{"prompt": "2 + 2 =", "completion": " 4"}]).to_parquet(parquet)
+    for source, count in ((jsonl, 3), (parquet, 1)):
+        assert len(load_chat_rows(str(source), text_rows=True)) == count
+    loaded = load_chat_rows(str(jsonl), text_rows=True)
+    examples, stats = build_sft_examples(loaded, tokenizer, max_seq_len=64)
+    assert stats.kept == 3
+    prompt_ids = tokenizer("2 + 2 =", add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(" 4", add_special_tokens=False)["input_ids"]
+    first = examples[0]
+    assert first.tokens == [*prompt_ids, *completion_ids, tokenizer.eos_token_id]
+    assert first.weights == [0.0] * len(prompt_ids) + [1.0] * (len(completion_ids) + 1)
+    assert set(examples[1].weights) == {1.0}  # plain text: every token is trained on
+    assert render_text(tokenizer, [("x", 1.0)])[0][-1] == tokenizer.eos_token_id
+    # Without text_rows (RL prompts), and with a missing half, the row is refused by line.
+    with pytest.raises(DatasetError, match=r"mixed.jsonl:1: row has no 'messages' field"):
+        load_chat_rows(str(jsonl))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "2 + 2 ="}) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: 'completion' is .*needs 'prompt' and "
+                                           r"'completion' as strings"):
+        load_chat_rows(str(bad), text_rows=True)

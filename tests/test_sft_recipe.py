@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -259,3 +260,12 @@ def test_chat_template_override_renders_the_data_and_ships_with_the_model(tmp_pa
     with pytest.raises(ConfigError, match=r"chat_template='missing.jinja' is neither a Jinja "
                                           r"template nor a readable file"):
         main(_config(tmp_path, log_name="other", chat_template="missing.jinja"))
+
+
+def test_sft_trains_on_prompt_completion_rows(tmp_path):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus {i} is", "completion": f" {2 * i}."})
+                            + "\n" for i in range(12)))
+    result = main(_config(tmp_path, dataset=str(data), max_steps=3))
+    assert result.steps == 3
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))

@@ -35,8 +35,10 @@ class Config(TrainConfig):
     """SFT settings: the shared :class:`TrainConfig` fields plus these."""
 
     dataset: str = str(SAMPLE_CHATS_PATH)
-    """Chat data: a JSONL file in the OpenAI chat format, or any `datasets` source (a
-    save_to_disk directory, a parquet/csv/json file, a hub name). Default: bundled sample."""
+    """Training rows: a JSONL file or any `datasets` source (a save_to_disk directory, a
+    parquet/csv/json file, a hub name) of chats ({"messages": [...]}, OpenAI format),
+    prompt/completion pairs ({"prompt", "completion"}: trained on the completion) or plain
+    text ({"text"}: continued pre-training), mixed freely. Default: bundled sample chats."""
     long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Rows over max_seq_len: 'drop' (counted), 'truncate' or 'error' (names file:line)."""
     grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
@@ -52,7 +54,7 @@ def main(config: Config) -> RunResult:
 
     # ---- data: validated and tokenized before any model is loaded
     tokenizer = load_run_tokenizer(config)
-    rows = load_chat_rows(config.dataset, split=config.dataset_split)
+    rows = load_chat_rows(config.dataset, split=config.dataset_split, text_rows=True)
     examples, stats = build_sft_examples(rows, tokenizer, config.max_seq_len,
                                          config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)

@@ -40,6 +40,7 @@ from training.utils.data.examples import (
     check_length_args,
     example_to_datum,
     fit_to_length,
+    render_text,
 )
 from training.utils.data.ordering import (
     SupervisedDataset,
@@ -75,6 +76,7 @@ __all__ = [
     "location",
     "message_weight",
     "read_records",
+    "render_text",
     "render_chat",
     "validate_messages",
     "validate_tools",

@@ -36,6 +36,9 @@ class ChatRow:
     fields: dict = field(default_factory=dict)
     """The row's other top-level keys (``tools``, ground-truth answers for RL recipes, ...)."""
     line_kind: Literal["line", "row"] = "line"
+    text: list[tuple[str, float]] | None = None
+    """A row of raw text instead of a conversation (no chat template): its segments with their
+    loss weight, ``[(prompt, 0), (completion, 1)]`` or ``[(text, 1)]``; None for chats."""
     """Whether :attr:`line` is a file line (``"line"``) or a row index (``"row"``)."""
 
     @property
@@ -44,7 +47,8 @@ class ChatRow:
         return location(self.source, self.line, self.line_kind)
 
 
-def load_chat_rows(source: str, split: str = "train") -> list[ChatRow]:
+def load_chat_rows(source: str, split: str = "train", *,
+                   text_rows: bool = False) -> list[ChatRow]:
     """Read and validate every row of a chat data source.
 
     Args:
@@ -58,6 +62,9 @@ def load_chat_rows(source: str, split: str = "train") -> list[ChatRow]:
             - a Hugging Face hub dataset name (needs the hub or a populated HF cache).
         split: split to read from a ``DatasetDict`` directory or a hub dataset; ignored for files
             and for a directory holding a single saved ``Dataset``.
+        text_rows: also accept raw-text rows (SFT): ``{"prompt": ..., "completion": ...}``
+            (trained on the completion only) and ``{"text": ...}`` (continued pre-training,
+            trained on all of it); see :attr:`ChatRow.text`.
 
     Returns:
         The rows in source order.
@@ -67,29 +74,59 @@ def load_chat_rows(source: str, split: str = "train") -> list[ChatRow]:
             names the file and 1-based line (``data.jsonl:17``) or the 0-based row index
             (``<source> row 3``) and the field path (``messages[3].tool_calls[0].function.name``).
     """
-    rows = [_make_row(obj, source, line, kind) for obj, line, kind in _read_records(source, split)]
+    rows = [_make_row(obj, source, line, kind, text_rows)
+            for obj, line, kind in _read_records(source, split)]
     if not rows:
         raise DatasetError(f"{source}: has no rows; expected one JSON object with a 'messages' "
                            f"list per row")
     return rows
 
 
-def _make_row(record: Any, source: str, line: int, kind: Literal["line", "row"]) -> ChatRow:
+_TEXT_FORMATS = ('{"messages": [...]} (a chat), {"prompt": "...", "completion": "..."} or '
+                 '{"text": "..."}')
+
+
+def _make_row(record: Any, source: str, line: int, kind: Literal["line", "row"],
+              text_rows: bool = False) -> ChatRow:
     row = ChatRow(messages=[], source=source, line=line, line_kind=kind)
     where = row.where
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: row is {_show(record)}; expected a JSON object like "
                            '{"messages": [{"role": "user", "content": "..."}, ...]}')
+    if record.get("messages") is None and text_rows and (
+            "text" in record or "prompt" in record or "completion" in record):
+        return _make_text_row(row, record)
     if record.get("messages") is None:
         keys = ", ".join(map(str, record)) or "none"
+        expected = (f"one of {_TEXT_FORMATS}" if text_rows else
+                    "a list of {\"role\": ..., \"content\": ...} messages")
         raise DatasetError(f"{where}: row has no 'messages' field (its keys: {keys}); expected "
-                           "a list of {\"role\": ..., \"content\": ...} messages")
+                           f"{expected}")
     row.messages = record["messages"]
     row.fields = {k: v for k, v in record.items() if k != "messages"}
     _validate_messages(row.messages, where)
     tools = _validate_tools(row.fields.get("tools"), where)
     if tools is not None:
         row.fields["tools"] = tools  # parsed, if the source held it as a JSON string
+    return row
+
+
+def _make_text_row(row: ChatRow, record: dict) -> ChatRow:
+    """A prompt/completion or text row: validated strings, no chat template."""
+    where = row.where
+    if "prompt" in record or "completion" in record:
+        keys, weights = ("prompt", "completion"), (0.0, 1.0)
+    else:
+        keys, weights = ("text",), (1.0,)
+    for key in keys:
+        value = record.get(key)
+        if not isinstance(value, str):
+            raise DatasetError(f"{where}: '{key}' is {_show(value)}; a {' + '.join(keys)} row "
+                               f"needs {' and '.join(repr(k) for k in keys)} as strings")
+    if not record[keys[-1]]:
+        raise DatasetError(f"{where}: '{keys[-1]}' is empty: nothing to train on")
+    row.text = [(record[key], weight) for key, weight in zip(keys, weights, strict=True)]
+    row.fields = {k: v for k, v in record.items() if k not in keys}
     return row
 
 

@@ -70,6 +70,23 @@ def fit_to_length(sequences: TokenSequences, max_seq_len: int, policy: LongRowPo
     return [(tokens[:max_seq_len], weights[:max_seq_len]) for tokens, weights in sequences]
 
 
+def render_text(tokenizer: Any, segments: Sequence[tuple[str, float]],
+                ) -> tuple[list[int], list[float]]:
+    """Tokens and weights of a raw-text row (:attr:`ChatRow.text`): each segment tokenized on
+    its own with its weight, then the end-of-sequence token with the last segment's weight (so
+    the model learns where a completion or document ends). No chat template."""
+    tokens: list[int] = []
+    weights: list[float] = []
+    for text, weight in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens += ids
+        weights += [float(weight)] * len(ids)
+    if tokenizer.eos_token_id is not None:
+        tokens.append(int(tokenizer.eos_token_id))
+        weights.append(float(segments[-1][1]))
+    return tokens, weights
+
+
 @dataclass
 class SFTExample:
     """One rendered conversation, ready to train on."""
@@ -143,13 +160,16 @@ def build_sft_examples(rows: Sequence[ChatRow], tokenizer: Any, max_seq_len: int
     stats = DataStats(rows=len(rows))
     examples: list[SFTExample] = []
     for row in rows:
-        # Rows built by hand skip the loader's checks; validating again costs O(messages).
-        _validate_messages(row.messages, row.where)
-        tools = _validate_tools(row.fields.get("tools"), row.where)
-        try:
-            tokens, weights = _render_validated(tokenizer, row.messages, tools)
-        except ChatTemplateError as e:
-            raise DatasetError(f"{row.where}: {e}") from e
+        if row.text is not None:
+            tokens, weights = render_text(tokenizer, row.text)
+        else:
+            # Rows built by hand skip the loader's checks; validating again costs O(messages).
+            _validate_messages(row.messages, row.where)
+            tools = _validate_tools(row.fields.get("tools"), row.where)
+            try:
+                tokens, weights = _render_validated(tokenizer, row.messages, tools)
+            except ChatTemplateError as e:
+                raise DatasetError(f"{row.where}: {e}") from e
         too_long = len(tokens) > max_seq_len
         fitted = fit_to_length([(tokens, weights)], max_seq_len, long_row_policy, row.where)
         if fitted is None:
