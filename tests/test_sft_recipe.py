@@ -269,3 +269,17 @@ def test_sft_trains_on_prompt_completion_rows(tmp_path):
     result = main(_config(tmp_path, dataset=str(data), max_steps=3))
     assert result.steps == 3
     assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
+
+
+def test_grad_accumulation_steps_give_the_same_update_in_parts(tmp_path, chats):
+    whole = main(_config(tmp_path, log_name="whole", max_steps=3))
+    parts = main(_config(tmp_path, log_name="parts", max_steps=3, grad_accumulation_steps=2))
+    a = read_metrics(tmp_path / "whole")
+    b = read_metrics(tmp_path / "parts")
+    for row_a, row_b in zip(a, b, strict=True):
+        assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-5)
+        assert row_a["grad_norm"] == pytest.approx(row_b["grad_norm"], rel=1e-4)
+    assert whole.steps == parts.steps == 3
+    with pytest.raises(ConfigError, match="grad_accumulation_steps must be between 1 and "
+                                          "batch_size"):
+        main(_config(tmp_path, log_name="bad", grad_accumulation_steps=5))

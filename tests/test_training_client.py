@@ -431,3 +431,25 @@ def test_compiled_client_trains_like_the_eager_one(store_root, tiny_model_dir):
             client.optim_step(AdamParams(learning_rate=1e-2)).result()
             losses[compile].append(out.metrics["loss:sum"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(store_root, tiny_model_dir,
+                                                                  lora_rank):
+    from training.sdk import AdamParams, Datum, ServiceClient
+
+    datum = Datum(model_input=list(range(5, 37)), loss_fn_inputs={"target_tokens":
+                                                                  list(range(6, 38))})
+    losses, weights = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        client = ServiceClient(store_root, device="cpu", mixed_precision="no",
+                               gradient_checkpointing=checkpointing) \
+            .create_training_client(TEST_MODEL, lora_rank=lora_rank)
+        losses.append(client.forward_backward([datum]).result().metrics["loss:sum"])
+        client.optim_step(AdamParams(learning_rate=1e-2)).result()
+        weights.append({n: p.detach().clone() for n, p in client.model.named_parameters()
+                        if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from training.sdk import SAMPLE_CHATS_PATH, GradAccNormalization
-from training.utils.config import TrainConfig, validate_common
+from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import (
     LongRowPolicy,
     SupervisedDataset,
@@ -42,11 +42,18 @@ class Config(TrainConfig):
     long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Rows over max_seq_len: 'drop' (counted), 'truncate' or 'error' (names file:line)."""
     grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
+    grad_accumulation_steps: int = 1
+    """Run each batch as this many forward_backward calls before its optim_step: activations
+    of one part at a time (a big batch in less memory), the same update up to float summation
+    order (with num_loss_tokens or num_sequences normalization)."""
     """'num_loss_tokens' (mean over trained tokens), 'num_sequences' or 'none'."""
 
 
 def validate(config: Config) -> None:
     validate_common(config)
+    if not 1 <= config.grad_accumulation_steps <= config.batch_size:
+        raise ConfigError(f"grad_accumulation_steps must be between 1 and batch_size "
+                          f"({config.batch_size}), got {config.grad_accumulation_steps}")
 
 
 def main(config: Config) -> RunResult:
@@ -60,8 +67,9 @@ def main(config: Config) -> RunResult:
     dataset = SupervisedDataset(examples, seed=config.seed)
 
     # ---- resume point, or nothing left to do
-    with ResumableRun(config, recipe="sft_loop", dataset=dataset,
-                      identity={"long_row_policy": config.long_row_policy}) as run:
+    with ResumableRun(config, recipe="sft_loop", dataset=dataset, identity={
+            "long_row_policy": config.long_row_policy,
+            "grad_accumulation_steps": config.grad_accumulation_steps}) as run:
         if run.complete_row is not None:
             return run.finish_complete()
         client = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
@@ -69,12 +77,16 @@ def main(config: Config) -> RunResult:
         # ---- training loop: one optimizer step per batch of conversations
         for batch in run.batches():
             datums = [example_to_datum(example) for example in batch]
-            fwd_bwd = client.forward_backward(datums, "cross_entropy").result()
+            # Gradients accumulate over the parts until optim_step normalizes them.
+            part = -(-len(datums) // config.grad_accumulation_steps)
+            parts = [client.forward_backward(datums[i:i + part], "cross_entropy").result()
+                     for i in range(0, len(datums), part)]
             optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=(
                                           config.grad_accumulation_normalization)).result()
-            loss_tokens = fwd_bwd.metrics["num_loss_tokens"]
-            run.end_step({"loss": fwd_bwd.metrics["loss:sum"] / max(loss_tokens, 1),
+            loss_sum = sum(p.metrics["loss:sum"] for p in parts)
+            loss_tokens = sum(p.metrics["num_loss_tokens"] for p in parts)
+            run.end_step({"loss": loss_sum / max(loss_tokens, 1),
                           "num_loss_tokens": loss_tokens},
                          consumed=len(batch), optim=optim,
                          num_tokens=sum(d.model_input.length for d in datums))

@@ -65,6 +65,9 @@ class ServiceClient:
         compile: run the policy's forward/backward through ``torch.compile`` (dynamic shapes):
             ~20-25% faster steps on CPU once compiled, after a one-off compile of a minute or
             more. Not combined with torchrun (FSDP2) yet: ignored there, with a warning.
+        gradient_checkpointing: recompute each block's activations during backward instead of
+            keeping them (training clients only): activation memory drops to about one
+            block's, for roughly a third more compute; results are unchanged.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the service joins the process group and its
     training clients train data-parallel with FSDP2 (see :mod:`training.sdk.distributed`).
@@ -88,6 +91,7 @@ class ServiceClient:
                  sampler_dtype: str = "auto", deploy_mgr: DeploymentManager | None = None,
                  deployment_id: str | None = None, async_saves: bool = False,
                  compile: bool = False, delta_encoding: str = DEFAULT_DELTA_ENCODING,
+                 gradient_checkpointing: bool = False,
                  base_url: str | None = None, api_key: str | None = None) -> None:
         del base_url, api_key  # the hosted control plane's (a server's URL is taken by __new__)
         if delta_encoding not in DELTA_ENCODINGS:
@@ -99,6 +103,7 @@ class ServiceClient:
         self.device = distributed.rank_device(resolve_device(device))
         self.async_saves = async_saves
         self.compile = compile
+        self.gradient_checkpointing = gradient_checkpointing
         if compile and self.world.distributed:
             logger.warning("compile=True is ignored under torchrun (not combined with FSDP2 "
                            "yet): training runs eagerly")
@@ -170,6 +175,11 @@ class ServiceClient:
             job = distributed.on_main(lambda: self.store.create_job(
                 base_model, lora_rank, account=self.account, user_metadata=user_metadata,
                 lora=lora))
+        if self.gradient_checkpointing and not frozen and hasattr(
+                model, "gradient_checkpointing_enable"):
+            # Recompute each block's activations in backward: less memory, ~30% more compute.
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         if job.lora_rank > 0 and not frozen:
             settings = job.lora or {}
             model = apply_lora(model, job.lora_rank, settings.get("alpha"),

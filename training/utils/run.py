@@ -383,7 +383,8 @@ class ResumableRun:
                                      mixed_precision=config.infra.mixed_precision,
                                      account=config.infra.account,
                                      async_saves=config.infra.async_checkpoint,
-                                     compile=config.infra.compile)
+                                     compile=config.infra.compile,
+                                     gradient_checkpointing=config.infra.gradient_checkpointing)
         self.client = self.service.create_training_client(
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
