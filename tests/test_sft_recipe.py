@@ -283,3 +283,26 @@ def test_grad_accumulation_steps_give_the_same_update_in_parts(tmp_path, chats):
     with pytest.raises(ConfigError, match="grad_accumulation_steps must be between 1 and "
                                           "batch_size"):
         main(_config(tmp_path, log_name="bad", grad_accumulation_steps=5))
+
+
+def test_eval_fraction_holds_rows_out_and_reports_eval_loss(tmp_path, chats):
+    main(_config(tmp_path, eval_fraction=0.25, eval_every=2, max_steps=4))
+    rows = read_metrics(tmp_path / "run")
+    assert [("eval_loss" in r) for r in rows] == [False, True, False, True]
+    assert all(math.isfinite(r["eval_loss"]) for r in rows if "eval_loss" in r)
+    # 24 chats, 6 held out: an epoch is 18 examples (the held-out ones are never trained on).
+    assert rows[-1]["epoch"] == pytest.approx(4 * 4 / 18)
+    again = main(_config(tmp_path, log_name="again", eval_fraction=0.25, eval_every=2,
+                         max_steps=4))
+    assert again.steps == 4
+    assert [r.get("eval_loss") for r in read_metrics(tmp_path / "again")] == \
+        [r.get("eval_loss") for r in rows]  # the same rows held out, the same losses
+    with pytest.raises(ConfigError, match="set eval_dataset or eval_fraction, not both"):
+        main(_config(tmp_path, log_name="both", eval_fraction=0.1,
+                     eval_dataset=str(chats)))
+
+
+def test_eval_dataset_reports_its_loss_at_the_end(tmp_path, chats):
+    main(_config(tmp_path, eval_dataset=str(chats), max_steps=2))
+    rows = read_metrics(tmp_path / "run")
+    assert "eval_loss" not in rows[0] and math.isfinite(rows[-1]["eval_loss"])

@@ -27,6 +27,7 @@ from training.utils.data import (
     example_to_datum,
     load_chat_rows,
 )
+from training.utils.evaluation import eval_due, eval_loss, hold_out
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
@@ -42,6 +43,15 @@ class Config(TrainConfig):
     long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Rows over max_seq_len: 'drop' (counted), 'truncate' or 'error' (names file:line)."""
     grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
+    eval_dataset: str | None = None
+    """Rows to report the validation loss on (same formats as dataset); default: none, or the
+    eval_fraction held out of dataset."""
+    eval_fraction: float = 0.0
+    """Without eval_dataset: this fraction of the training rows, drawn by seed, is held out
+    for validation instead of trained on (0 = none)."""
+    eval_every: int = 0
+    """Report eval_loss (metrics.jsonl) every this many steps, and always at the last step;
+    0: at the last step only. Needs eval_dataset or eval_fraction."""
     grad_accumulation_steps: int = 1
     """Run each batch as this many forward_backward calls before its optim_step: activations
     of one part at a time (a big batch in less memory), the same update up to float summation
@@ -51,6 +61,12 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0, got {config.eval_every}")
+    if config.eval_dataset and config.eval_fraction:
+        raise ConfigError("set eval_dataset or eval_fraction, not both")
+    if not 0 <= config.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
     if not 1 <= config.grad_accumulation_steps <= config.batch_size:
         raise ConfigError(f"grad_accumulation_steps must be between 1 and batch_size "
                           f"({config.batch_size}), got {config.grad_accumulation_steps}")
@@ -64,12 +80,19 @@ def main(config: Config) -> RunResult:
     rows = load_chat_rows(config.dataset, split=config.dataset_split, text_rows=True)
     examples, stats = build_sft_examples(rows, tokenizer, config.max_seq_len,
                                          config.long_row_policy)
+    examples, eval_examples = hold_out(examples, config.eval_fraction, config.seed)
+    if config.eval_dataset:
+        eval_rows = load_chat_rows(config.eval_dataset, split=config.dataset_split, text_rows=True)
+        eval_examples, _ = build_sft_examples(eval_rows, tokenizer, config.max_seq_len,
+                                              config.long_row_policy)
+    eval_datums = [example_to_datum(example) for example in eval_examples]
     dataset = SupervisedDataset(examples, seed=config.seed)
 
     # ---- resume point, or nothing left to do
     with ResumableRun(config, recipe="sft_loop", dataset=dataset, identity={
             "long_row_policy": config.long_row_policy,
-            "grad_accumulation_steps": config.grad_accumulation_steps}) as run:
+            "grad_accumulation_steps": config.grad_accumulation_steps,
+            "eval_fraction": config.eval_fraction}) as run:
         if run.complete_row is not None:
             return run.finish_complete()
         client = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
@@ -86,8 +109,11 @@ def main(config: Config) -> RunResult:
                                           config.grad_accumulation_normalization)).result()
             loss_sum = sum(p.metrics["loss:sum"] for p in parts)
             loss_tokens = sum(p.metrics["num_loss_tokens"] for p in parts)
-            run.end_step({"loss": loss_sum / max(loss_tokens, 1),
-                          "num_loss_tokens": loss_tokens},
+            metrics = {"loss": loss_sum / max(loss_tokens, 1), "num_loss_tokens": loss_tokens}
+            if eval_datums and eval_due(run.step + 1, config.eval_every, run.total_steps):
+                metrics["eval_loss"] = eval_loss(client, eval_datums, config.batch_size)
+            run.end_step(metrics,
                          consumed=len(batch), optim=optim,
-                         num_tokens=sum(d.model_input.length for d in datums))
+                         num_tokens=sum(d.model_input.length for d in datums),
+                         show=("loss", "eval_loss"))
         return run.finish()
