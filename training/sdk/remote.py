@@ -112,14 +112,10 @@ class RemoteServiceClient:
                                ) -> RemoteTrainingClient:
         """A trainer on the server (or, with ``job_id`` / the config's ``trainer_job_id``, a
         reattach to that job). Same arguments and errors as the in-process one."""
+        from training.sdk.service_client import check_new_trainer
+
         del tokenizer_model  # the server's tokenizer is the base model's
-        key = (base_model, lora_rank)
-        if key in self._clients:
-            raise ValueError(f"this ServiceClient already has a training client for "
-                             f"base_model={base_model!r}, lora_rank={lora_rank}; create a new "
-                             f"ServiceClient for a separate trainer")
-        if lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        key = check_new_trainer(self._clients, base_model, lora_rank)
         client = self._create(base_model, lora_rank=lora_rank, user_metadata=user_metadata,
                               job_id=job_id or self.config.trainer_job_id,
                               lora_alpha=lora_alpha, lora_dropout=lora_dropout,

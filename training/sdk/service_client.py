@@ -134,13 +134,7 @@ class ServiceClient:
         Raises ValueError for a second client with the same ``(base_model, lora_rank)`` on this
         service: create a new ServiceClient for a separate trainer.
         """
-        key = (base_model, lora_rank)
-        if key in self._clients:
-            raise ValueError(f"this ServiceClient already has a training client for "
-                             f"base_model={base_model!r}, lora_rank={lora_rank}; create a new "
-                             f"ServiceClient for a separate trainer")
-        if lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        key = check_new_trainer(self._clients, base_model, lora_rank)
         lora = ({"alpha": lora_alpha if lora_alpha is not None else 2 * lora_rank,
                  "dropout": lora_dropout,
                  "target_modules": list(lora_target_modules) if lora_target_modules else None}
@@ -480,6 +474,23 @@ class ServiceClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_new_trainer(clients: dict[tuple, Any], base_model: str, lora_rank: int) -> tuple:
+    """The key of a new training client among a service's ``clients``, as the hosted SDK
+    allows: one per ``(base_model, lora_rank)``, and a rank >= 0.
+
+    Raises:
+        ValueError: a second client with that key, or a negative rank.
+    """
+    key = (base_model, lora_rank)
+    if key in clients:
+        raise ValueError(f"this ServiceClient already has a training client for "
+                         f"base_model={base_model!r}, lora_rank={lora_rank}; create a new "
+                         f"ServiceClient for a separate trainer")
+    if lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+    return key
 
 
 @dataclass
