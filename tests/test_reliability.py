@@ -295,3 +295,36 @@ def test_metrics_rows_are_made_durable_before_each_checkpoint(tmp_path, tiny_mod
     main(_config(tmp_path, max_steps=5, dcp_save_interval=2))
     assert events == [("sync", 2), ("save", 2), ("sync", 4), ("save", 4), ("sync", 5),
                       ("save", 5)]
+
+
+def _flip_a_tensor_byte(path: Path) -> None:
+    """Change one byte of tensor data (the header stays valid, so the file still loads)."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_corrupted_sampler_snapshot_is_never_promoted_or_served(store_root, tiny_model_dir,
+                                                                  lora_rank):
+    from training.sdk import DeploymentManager, HotloadError, ModelRegistry, ServiceClient
+    from training.sdk.snapshots import SnapshotCorruptError
+
+    client = ServiceClient(store_root, device="cpu", mixed_precision="no") \
+        .create_training_client(TEST_MODEL, lora_rank=lora_rank)
+    saved = client.save_weights_for_sampler_ext("final", checkpoint_type="base")
+    snapshot_dir = Path(store_root) / "jobs" / client.job_id / "samplers" / saved.snapshot_name
+    weights_file = next(snapshot_dir.glob("*.safetensors"))
+    assert (snapshot_dir / "weights_manifest.json").exists()  # adapters are checksummed too
+    _flip_a_tensor_byte(weights_file)
+    registry = ModelRegistry(client.store)
+    with pytest.raises(SnapshotCorruptError, match="fails its checksum"):
+        registry.promote_checkpoint(
+            name=registry.checkpoint_name(client.job_id, saved.snapshot_name),
+            output_model_id="corrupt", base_model=TEST_MODEL)
+    assert registry.list_models() == []
+    manager = DeploymentManager(client.store, device="cpu")
+    manager.create_or_get(TEST_MODEL, "serve")
+    with pytest.raises(HotloadError, match="refused, it keeps serving the base model: .*fails "
+                                           "its checksum"):
+        manager.sync("serve", saved.path)

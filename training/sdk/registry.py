@@ -21,7 +21,6 @@ of how to save a promotable checkpoint instead.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import warnings
@@ -300,9 +299,11 @@ class ModelRegistry:
 
         from training.sdk.lora import merge_adapter
         from training.sdk.models import model_source
+        from training.sdk.snapshots import verify_snapshot_files
 
         with model_source(job.base_model, self.store) as base, \
                 self.store.local_copy(adapter_dir) as adapter:
+            verify_snapshot_files(adapter, f"adapter {adapter_dir}")  # before merging it
             merge_adapter(base, adapter, out_dir)
             AutoTokenizer.from_pretrained(adapter).save_pretrained(out_dir)
 
@@ -486,13 +487,10 @@ def _first_os_error(error: BaseException) -> str:
 
 
 def _check_finite_files(directory: str, what: str) -> None:
-    """Refuse weights with NaN or infinite values (a model trained to NaN must not be
+    """Refuse corrupt weights (files that fail the checksums taken when the snapshot was
+    saved) and weights with NaN or infinite values (a model trained to NaN must not be
     promoted): every tensor of every ``.safetensors`` file in ``directory`` is checked."""
-    from safetensors import safe_open
-
+    from training.sdk.snapshots import verify_snapshot_files
     from training.sdk.training_client import check_finite_weights
 
-    for file in sorted(os.listdir(directory)):
-        if file.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, file), framework="pt") as f:
-                check_finite_weights({k: f.get_tensor(k) for k in f.keys()}, f"{what} ({file})")
+    check_finite_weights(verify_snapshot_files(directory, what), what)

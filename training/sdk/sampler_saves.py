@@ -6,6 +6,7 @@ the format is :mod:`training.sdk.snapshots`."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +32,7 @@ from training.sdk.snapshots import (
     make_snapshot_identity,
     sampler_weights,
     write_base_snapshot,
+    write_weights_manifest,
 )
 from training.sdk.store import (
     EntryMeta,
@@ -38,7 +41,7 @@ from training.sdk.store import (
 )
 from training.sdk.train_state import (  # StateCorruptError: its import path before the move
     StateCorruptError,  # noqa: F401
-    )
+)
 from training.sdk.types import (
     SaveSamplerResult,
 )
@@ -130,6 +133,9 @@ class SamplerSaves:
                     if lora:
                         save_adapter(self.model, local, weights or None)
                         self.tokenizer.save_pretrained(local)
+                        # Checksummed like a base: hotload and promotion verify the files.
+                        write_weights_manifest(local, load_file(
+                            os.path.join(local, "adapter_model.safetensors")))
                     elif resolved == "base":
                         write_base_snapshot(local, self.model, self.tokenizer, weights)
                     else:

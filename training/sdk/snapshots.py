@@ -109,7 +109,8 @@ __all__ = [
     "SnapshotMismatchError", "SnapshotType", "apply_delta", "encode_delta", "load_base_weights",
     "load_snapshot_weights", "make_snapshot_identity", "merge_lora_weights",
     "parse_snapshot_identity", "read_delta_manifest", "read_weights_manifest", "sampler_weights",
-    "tensor_checksum", "verify_weights", "write_base_snapshot", "write_weights_manifest",
+    "tensor_checksum", "verify_snapshot_files", "verify_weights", "write_base_snapshot",
+    "write_weights_manifest",
 ]
 
 # ------------------------------------------------------------------------------- store access
@@ -151,6 +152,23 @@ def load_snapshot_weights(store: CheckpointStore, identity: str,
     return weights
 
 
+def verify_snapshot_files(directory: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of every ``.safetensors`` file of a local snapshot (or promoted model)
+    directory, checked against its ``weights_manifest.json`` when it has one.
+
+    Raises:
+        SnapshotCorruptError: a tensor fails its checksum.
+        SnapshotMismatchError: tensors differ from the manifest in name, dtype or shape.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        weights.update(load_file(os.path.join(directory, file)))
+    expected = read_weights_manifest(directory)
+    if expected is not None:
+        verify_weights(weights, expected, what)
+    return weights
+
+
 def load_base_weights(store: CheckpointStore, entry_dir: str, identity: str,
                       ) -> dict[str, torch.Tensor]:
     """The tensors of a base snapshot, checked against ``weights_manifest.json`` if present."""
@@ -185,7 +203,7 @@ def merge_lora_weights(base: Mapping[str, torch.Tensor], adapter_dir: str,
                                     f"plain LoRA adapters only")
     rank = config["r"]
     scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
-    adapter = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    adapter = verify_snapshot_files(adapter_dir, f"snapshot {identity}")
     merged = dict(base)
     for key, lora_a in adapter.items():
         if ".lora_A." not in key:
