@@ -306,3 +306,19 @@ def test_eval_dataset_reports_its_loss_at_the_end(tmp_path, chats):
     main(_config(tmp_path, eval_dataset=str(chats), max_steps=2))
     rows = read_metrics(tmp_path / "run")
     assert "eval_loss" not in rows[0] and math.isfinite(rows[-1]["eval_loss"])
+
+
+def test_early_stopping_ends_the_run_and_a_rerun_reports_it_complete(tmp_path, chats):
+    # A learning rate this high makes the validation loss climb at once.
+    config = dict(eval_fraction=0.25, eval_every=1, early_stopping_patience=2, max_steps=12,
+                  learning_rate=0.5, dcp_save_interval=2)
+    result = main(_config(tmp_path, **config))
+    rows = read_metrics(tmp_path / "run")
+    assert 2 < result.steps < 12 and len(rows) == result.steps
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["stopped_early"]["step"] == result.steps
+    assert "has not improved" in run["stopped_early"]["reason"]
+    final = checkpoint_rows(tmp_path / "run")[-1]
+    assert final["step"] == result.steps and final["sampler_path"]
+    again = main(_config(tmp_path, **config))
+    assert again.already_complete and again.steps == result.steps

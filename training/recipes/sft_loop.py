@@ -27,7 +27,7 @@ from training.utils.data import (
     example_to_datum,
     load_chat_rows,
 )
-from training.utils.evaluation import eval_due, eval_loss, hold_out
+from training.utils.evaluation import EarlyStopping, eval_due, eval_loss, hold_out
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
@@ -52,6 +52,9 @@ class Config(TrainConfig):
     eval_every: int = 0
     """Report eval_loss (metrics.jsonl) every this many steps, and always at the last step;
     0: at the last step only. Needs eval_dataset or eval_fraction."""
+    early_stopping_patience: int = 0
+    """Stop when eval_loss has not improved for this many evaluations in a row (0 = never);
+    the final checkpoint is then at that step, and a rerun reports the run complete."""
     grad_accumulation_steps: int = 1
     """Run each batch as this many forward_backward calls before its optim_step: activations
     of one part at a time (a big batch in less memory), the same update up to float summation
@@ -61,6 +64,12 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
+    if config.early_stopping_patience < 0:
+        raise ConfigError(f"early_stopping_patience must be >= 0, got "
+                          f"{config.early_stopping_patience}")
+    if config.early_stopping_patience and not (config.eval_dataset or config.eval_fraction):
+        raise ConfigError("early_stopping_patience needs a validation set: set eval_dataset or "
+                          "eval_fraction (and eval_every)")
     if config.eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0, got {config.eval_every}")
     if config.eval_dataset and config.eval_fraction:
@@ -92,12 +101,14 @@ def main(config: Config) -> RunResult:
     with ResumableRun(config, recipe="sft_loop", dataset=dataset, identity={
             "long_row_policy": config.long_row_policy,
             "grad_accumulation_steps": config.grad_accumulation_steps,
-            "eval_fraction": config.eval_fraction}) as run:
+            "eval_fraction": config.eval_fraction,
+            "early_stopping_patience": config.early_stopping_patience}) as run:
         if run.complete_row is not None:
             return run.finish_complete()
         client = run.start(summary=f"{len(dataset)} examples [{stats.summary()}]")
 
         # ---- training loop: one optimizer step per batch of conversations
+        early_stopping = EarlyStopping(config.early_stopping_patience, run.user_state)
         for batch in run.batches():
             datums = [example_to_datum(example) for example in batch]
             # Gradients accumulate over the parts until optim_step normalizes them.
@@ -112,7 +123,10 @@ def main(config: Config) -> RunResult:
             metrics = {"loss": loss_sum / max(loss_tokens, 1), "num_loss_tokens": loss_tokens}
             if eval_datums and eval_due(run.step + 1, config.eval_every, run.total_steps):
                 metrics["eval_loss"] = eval_loss(client, eval_datums, config.batch_size)
-            run.end_step(metrics,
+                stop = early_stopping.update(metrics["eval_loss"])
+                if stop:
+                    run.stop(stop)
+            run.end_step(metrics, user_state=early_stopping.state(),
                          consumed=len(batch), optim=optim,
                          num_tokens=sum(d.model_input.length for d in datums),
                          show=("loss", "eval_loss"))

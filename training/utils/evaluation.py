@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["eval_due", "eval_loss", "hold_out"]
+__all__ = ["EarlyStopping", "eval_due", "eval_loss", "hold_out"]
 
 ExampleT = TypeVar("ExampleT")
 
@@ -56,3 +56,31 @@ def eval_loss(client: Any, datums: Sequence[Any], batch_size: int,
         loss_sum += out.metrics["loss:sum"]
         tokens += out.metrics["num_loss_tokens"]
     return loss_sum / max(tokens, 1.0)
+
+
+class EarlyStopping:
+    """Counts evaluations without a new best ``eval_loss``; :meth:`update` says when
+    ``patience`` of them came in a row. Its :meth:`state` goes into each checkpoint's user state
+    so a resumed run counts on where the saved one was."""
+
+    def __init__(self, patience: int, saved: dict[str, Any] | None = None) -> None:
+        self.patience = patience
+        saved = (saved or {}).get("early_stopping", {})
+        self.best: float = saved.get("best", float("inf"))
+        self.without_improvement: int = saved.get("without_improvement", 0)
+
+    def update(self, eval_loss: float) -> str | None:
+        """Record an evaluation; returns why to stop (or None to go on)."""
+        if eval_loss < self.best:
+            self.best, self.without_improvement = eval_loss, 0
+            return None
+        self.without_improvement += 1
+        if self.patience > 0 and self.without_improvement >= self.patience:
+            return (f"eval_loss has not improved on {self.best:.6g} for "
+                    f"{self.without_improvement} evaluations (early_stopping_patience="
+                    f"{self.patience})")
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"early_stopping": {"best": self.best,
+                                   "without_improvement": self.without_improvement}}

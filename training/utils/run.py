@@ -193,6 +193,7 @@ class ResumableRun:
         self.user_state: dict[str, Any] = {}
         """Recipe state restored with the resume checkpoint (``end_step``'s ``user_state``)."""
         self._step_started: float | None = None
+        self._stop_reason: str | None = None
         self.log_path = Path(config.log_path)
         self.store = CheckpointStore(config.infra.storage_root)
         self.checkpoint_log = CheckpointLog(self.log_path)
@@ -250,7 +251,9 @@ class ResumableRun:
             self._let_go()
             raise
         complete_row = None
-        if resume_row is not None and resume_row.step >= self.total_steps:
+        stopped = read_run_identity(self.log_path).get("stopped_early") or {}
+        if resume_row is not None and (resume_row.step >= self.total_steps
+                                       or stopped.get("step") == resume_row.step):
             complete_row = self.checkpoint_log.latest_promotable(resume_row.step)
         return resume_row, earlier_job_id, complete_row, identity_changes
 
@@ -472,13 +475,19 @@ class ResumableRun:
     def steps(self) -> Iterator[int]:
         """The 0-based index of each step still to run, until ``total_steps``; each step's
         clock starts here. The loop body must end with :meth:`end_step`."""
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and self._stop_reason is None:
             step = self.step
             self._step_started = time.perf_counter()
             yield step
             if self.step == step:
                 raise RuntimeError(f"step {step + 1} ended without run.end_step(...): call it "
                                    f"once at the end of every step")
+
+    def stop(self, reason: str) -> None:
+        """End the run after the step running now (early stopping): :meth:`steps` yields no
+        more, :meth:`finish` makes the final (BOTH) save there, and a rerun of this log_path
+        reports the run complete (``stopped_early`` in run.json)."""
+        self._stop_reason = reason
 
     def batches(self) -> Iterator[list[Any]]:
         """The next batch of the dataset for each step still to run (the last one of the run
@@ -608,16 +617,26 @@ class ResumableRun:
         step, data_consumed = self.step, self.data_consumed
         self.close()
         try:
+            if self._stop_reason is not None and self.final_row is None:
+                # Recorded before the final save: a crash between them reruns the same steps
+                # and stops at the same place.
+                reason = self._stop_reason
+                distributed.on_main(lambda: record_run_fields(
+                    self.log_path, stopped_early={"step": step, "reason": reason}))
+                self._say(f"{self.recipe}: stopping early at step {step} of "
+                          f"{self.total_steps}: {reason}")
             if self.final_row is None:
-                # Resumed at or past a (lowered) step budget: the final save is still BOTH.
-                # The resume point's state is this step's state: record it instead of saving
-                # it again, since re-saving a name deletes it first and a crash then would
-                # lose the checkpoint the run depends on.
-                same_step = self.resume_row is not None and self.resume_row.step == step
+                # Resumed at or past a (lowered) step budget, or stopped early: the final save
+                # is still BOTH. A state already saved at this step (the resume point, or a
+                # periodic save) is recorded instead of saved again, since re-saving a name
+                # deletes it first and a crash then would lose the checkpoint the run needs.
+                self.checkpoints.wait()
+                last = self.checkpoint_log.last_resumable()
+                same_step = last is not None and last.step == step
                 self.final_row = self.checkpoints.save(
                     f"step-{step}", step=step, data_consumed=data_consumed,
                     kind=CheckpointKind.BOTH,
-                    existing_state_path=self.resume_row.state_path if same_step else None)
+                    existing_state_path=last.state_path if same_step else None)
             self.checkpoints.wait()
             self._apply_retention()
             promoted = distributed.on_main(self._promote)
