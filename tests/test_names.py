@@ -22,8 +22,10 @@ def test_one_reference_parser_for_train_states_and_snapshots():
         names.parse_snapshot_identity("tinker://job1/weights/step-4")
     with pytest.raises(ValueError, match="names no trainer job"):
         names.parse_checkpoint_ref("step-4")
-    with pytest.raises(ValueError, match="incomplete or malformed"):
+    with pytest.raises(ValueError, match="invalid checkpoint name 'a/b'"):
         names.parse_checkpoint_ref("cross_job://job1/a/b")
+    with pytest.raises(ValueError, match="is incomplete"):
+        names.parse_snapshot_identity("sampler://job1/")
     # The old import paths are the same functions.
     assert old_store_path is names.parse_checkpoint_ref
     assert old_snapshot_path is names.parse_snapshot_identity

@@ -141,9 +141,13 @@ def parse_reference(ref: str, kind: Literal["state", "sampler"],
         job_id, name = default_job_id, ref
     else:
         raise ValueError(f"{forms['what']} {ref!r} names no trainer job: use {forms['forms']}")
-    if not job_id or not name or "/" in name:
-        raise ValueError(f"{forms['what']} {ref!r} is incomplete or malformed: expected "
-                         f"{forms['forms']}")
+    if not job_id or not name:
+        raise ValueError(f"{forms['what']} {ref!r} is incomplete: expected {forms['forms']}")
+    try:  # both become directory names in the store
+        validate_name(job_id, "job id")
+        validate_name(name, "checkpoint name" if kind == "state" else "snapshot name")
+    except ValueError as e:
+        raise ValueError(f"{forms['what']} {ref!r}: {e}") from None
     return job_id, name
 
 

@@ -230,15 +230,16 @@ def validate_common(config: Any) -> None:
                           f"{config.max_non_finite_steps}")
     init = getattr(config, "init_from_checkpoint", None)
     if init is not None:
-        from training.sdk.names import validate_name
+        from training.sdk.names import parse_checkpoint_ref, validate_name
 
-        job, _, name = init.partition(":")
-        try:
+        try:  # checked before it is joined into a store path
+            job, name = parse_checkpoint_ref(init)
             validate_name(job, "job id")
             validate_name(name)
         except ValueError as e:
             raise ConfigError(f"init_from_checkpoint={init!r}: expected 'job_id:checkpoint_name' "
-                              f"(e.g. 'i44pvd4syzg8hjfk:step-4'): {e}") from None
+                              f"(e.g. 'i44pvd4syzg8hjfk:step-4'), 'cross_job://job_id/name' or "
+                              f"a tinker:// train state path: {e}") from None
     log_path = getattr(config, "log_path", None)
     if log_path and os.path.exists(log_path) and not os.path.isdir(log_path):
         raise ConfigError(f"log_path={log_path!r} is a file; log_path is a directory (for "
