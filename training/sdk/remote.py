@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from training.sdk.types import as_adam_params, as_datum, as_model_input
 
 logger = logging.getLogger(__name__)
@@ -257,19 +259,13 @@ class RemoteServiceClient:
                    "errored" if issubclass(exc_type, Exception) else "interrupted")
 
 
-def _trainer_created_model() -> type:
-    from pydantic import BaseModel
+class _TrainerCreated(BaseModel):
+    """The result of ``POST /api/v1/homefire/create_trainer``."""
 
-    class TrainerCreated(BaseModel):
-        model_id: str
-        job_id: str
-        attached: bool = False
-        step: int = 0
-
-    return TrainerCreated
-
-
-_TrainerCreated = _trainer_created_model()
+    model_id: str
+    job_id: str
+    attached: bool = False
+    step: int = 0
 
 
 class RemoteTrainingClient:
