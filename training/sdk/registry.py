@@ -274,7 +274,7 @@ class ModelRegistry:
                     self._merge_adapter(job, source_dir, staging)
                 else:
                     self._copy_snapshot_files(source_dir, staging)
-                _check_finite_files(staging, f"promoting {name}")
+                _check_promoted_files(staging, f"promoting {name}")
         except (OSError, shutil.Error) as e:  # full or read-only store: nothing was committed
             raise PromotionWriteError(
                 f"promoting {name} to {model_resource_name(account, output_model_id)} failed "
@@ -486,7 +486,7 @@ def _first_os_error(error: BaseException) -> str:
     return str(error)
 
 
-def _check_finite_files(directory: str, what: str) -> None:
+def _check_promoted_files(directory: str, what: str) -> None:
     """Refuse corrupt weights (files that fail the checksums taken when the snapshot was
     saved) and weights with NaN or infinite values (a model trained to NaN must not be
     promoted): every tensor of every ``.safetensors`` file in ``directory`` is checked."""

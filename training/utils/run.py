@@ -178,7 +178,8 @@ class ResumableRun:
         """Optimizer steps of the whole run."""
         self.data_limit = config.epochs * len(dataset)
         """Examples the whole run consumes (``epochs`` passes over the dataset)."""
-        template = resolve_chat_template(config)
+        # Read once (it may be a file): the identity hashes it, start() gives it to the trainer.
+        self._chat_template = template = resolve_chat_template(config)
         self._identity = {
             "tokenizer_model": tokenizer_name(config), "max_seq_len": config.max_seq_len,
             **({"chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16]}
@@ -392,9 +393,8 @@ class ResumableRun:
             config.base_model, lora_rank=lora_rank, tokenizer_model=config.tokenizer_model,
             job_id=self._job_to_reattach(lora_rank), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, lora_target_modules=config.lora_target_modules)
-        template = resolve_chat_template(config)
-        if template is not None:  # sampler snapshots, and so the promoted model, carry it
-            self.client.tokenizer.chat_template = template
+        if self._chat_template is not None:  # sampler snapshots and the promoted model carry it
+            self.client.tokenizer.chat_template = self._chat_template
         distributed.on_main(self._record_job)
         self.checkpoints = TrainingCheckpoints(self.client, self.log_path)
         if self.resume_row is not None:
