@@ -172,6 +172,14 @@ def latency(args: argparse.Namespace, store: str) -> dict[str, list[float]]:
                     times.setdefault(f"{name}, waiting on each", []).append(middle - started)
                     times.setdefault(f"{name}, pipelined", []).append(
                         time.perf_counter() - middle)
+        # This process's CPU over wire-only steps (no in-process step whose idle OpenMP
+        # threads would spin here): the official client's own cost per step, in its asyncio
+        # thread (httpx, pydantic, protobuf), while the server computes.
+        cpu_started = time.process_time()
+        for _ in range(args.steps):
+            remote.forward_backward(theirs, "cross_entropy").result()
+            remote.optim_step(tinker.AdamParams(learning_rate=1e-4)).result()
+        times["over the wire, client cpu"] = [(time.process_time() - cpu_started) / args.steps]
         return times
     finally:
         server.terminate()
@@ -209,6 +217,8 @@ def main() -> int:
             wire_s = medians[f"over the wire, {form}"]
             print(f"  {form:16s}: in process {local_s * 1000:.1f} ms, over the wire "
                   f"{wire_s * 1000:.1f} ms: {wire_s / local_s:.2f}x")
+        print(f"  the official client's own CPU per step over the wire: "
+              f"{medians['over the wire, client cpu'] * 1000:.1f} ms (waiting on each)")
     return 0
 
 
