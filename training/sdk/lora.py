@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -133,7 +134,11 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
                         lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         fan_in_fan_out=conv1d)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft 0.18 asks transformers 5 the deprecated name; noise in every run's log.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise LoraError(f"cannot apply LoRA to {targets}: {e}") from e
 
