@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="require this X-API-Key on every request; repeat for several "
                              "tenants, each of which sees only its own runs")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "bf16", "no"])
+    parser.add_argument("--mixed-precision", default="auto",
+                        choices=["auto", "bf16", "fp16", "no"])
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)

@@ -49,6 +49,7 @@ from training.sdk import (
     Datum,
     Engine,
     GradAccNormalization,
+    OptimStepResponse,
     SamplingClient,
     SamplingParams,
     ServiceClient,
@@ -284,9 +285,10 @@ def reference_completion_logprobs(reference: TrainingClient,
 
 def train_on(client: TrainingClient, run: ResumableRun, batch: RolloutBatch, step: int,
              config: Config, reference: TrainingClient | None,
-             on_policy: bool) -> dict[str, Any]:
+             on_policy: bool) -> tuple[dict[str, Any], OptimStepResponse | None]:
     """Advantages, one forward_backward_custom and one optimizer step on ``batch``; returns the
-    step's training metrics (none of the loss metrics when every group was dropped)."""
+    step's training metrics and the optimizer step's result (neither the loss metrics nor a
+    result when every group was dropped)."""
     groups = group_advantages(batch.rewards, scale_by_std=config.scale_advantages_by_std)
     for i, rollout in enumerate(batch.rollouts):
         group = i // batch.group_size
@@ -299,7 +301,7 @@ def train_on(client: TrainingClient, run: ResumableRun, batch: RolloutBatch, ste
         "trained_sequences": len(trained)}
     if not trained:
         logger.warning("step %d: every group had equal rewards; no update this step", step + 1)
-        return metrics
+        return metrics, None
     t0 = time.perf_counter()
     datums = [rollout_datum(r) for r in trained]
     ref_logprobs = reference_completion_logprobs(reference, datums) if reference else None
@@ -321,9 +323,8 @@ def train_on(client: TrainingClient, run: ResumableRun, batch: RolloutBatch, ste
            if k in fwd_bwd.metrics},
         **({"kl": fwd_bwd.metrics["kl"]} if reference is not None else {}),
         "num_loss_tokens": loss_tokens, "train_time_s": elapsed,
-        "train_tokens_per_s": num_tokens / elapsed,
-        "learning_rate": optim.metrics["learning_rate"], "grad_norm": optim.metrics["grad_norm"]})
-    return metrics
+        "train_tokens_per_s": num_tokens / elapsed})
+    return metrics, optim
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
@@ -430,8 +431,8 @@ def main(config: Config) -> RunResult:
                 if pool is not None and step + 1 < run.total_steps:
                     prefetch = pool.submit(rollouts.sample, step + 1, next_consumed,
                                            batch_size_at(next_consumed))
-                metrics = train_on(client, run, batch, step, config, reference,
-                                   on_policy=pool is None)
+                metrics, optim = train_on(client, run, batch, step, config, reference,
+                                          on_policy=pool is None)
                 if prefetch is not None:
                     pending = prefetch.result()
                 if step + 1 < run.total_steps:
@@ -439,7 +440,8 @@ def main(config: Config) -> RunResult:
                 rollout_log.append(step + 1, batch, prompts)
                 run.end_step({**rollout_metrics(batch), **metrics,
                               "sampled_from": batch.synced_snapshot},
-                             consumed=consumed, show=("reward_mean", "filtered_group_fraction"),
+                             consumed=consumed, optim=optim,
+                             show=("reward_mean", "filtered_group_fraction"),
                              user_state=({"pending_rollouts": pending} if pending is not None
                                          else None))
         finally:

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from training.sdk import distributed
 from training.sdk.futures import completed
+from training.sdk.loss_scaling import DynamicLossScale
 from training.sdk.models import own_weights
 from training.sdk.store import (
     EntryMeta,
@@ -96,6 +97,7 @@ class TrainStateSaves:
                          created_at=now, expires_at=now + ttl_seconds if ttl_seconds else None,
                          extra={"step": self._step, "has_optimizer": self._optimizer is not None,
                                 "world_size": self.world.world_size,
+                                **(self.loss_scale.state() if self.loss_scale else {}),
                                 **({"user_metadata": dict(user_metadata)}
                                    if user_metadata else {})})
         response = SaveStateResponse(path=make_cross_job_ref(self.job_id, name), name=name,
@@ -248,6 +250,10 @@ class TrainStateSaves:
         if restore_optimizer:
             set_optimizer_state_dict(self.model, self._optimizer, state["optim"])
         self._step = int(state["trainer"]["step"]) if with_optimizer else 0
+        if self.loss_scale is not None:  # fp16: the scale goes with the optimizer
+            self.loss_scale = DynamicLossScale()
+            if with_optimizer:
+                self.loss_scale.restore(meta.extra)
         return LoadStateResponse(path=make_cross_job_ref(job_id, name),
                                  user_state=pickle.loads(state[user_key]))
 

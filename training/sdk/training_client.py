@@ -23,6 +23,7 @@ from training.sdk.distributed import collective
 from training.sdk.forward_passes import ForwardPasses
 from training.sdk.futures import AwaitableSelf, async_twins, completed
 from training.sdk.lora import load_adapter_weights
+from training.sdk.loss_scaling import DynamicLossScale
 from training.sdk.packed_attention import supports_packed_attention
 from training.sdk.packing import pack_sequences, token_logprobs  # noqa: F401 (old path)
 from training.sdk.sampler_saves import (
@@ -96,12 +97,14 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_autocast_dtype(mixed_precision: MixedPrecision | str,
                            device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs it natively (``"auto"``), always, or never."""
+    """bf16 autocast where the hardware runs it natively (``"auto"``), always, fp16, or never."""
     mixed_precision = MixedPrecision.parse(mixed_precision, "mixed_precision")
     if mixed_precision == MixedPrecision.no:
         return None
     if mixed_precision == MixedPrecision.bf16:
         return torch.bfloat16
+    if mixed_precision == MixedPrecision.fp16:
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     # Without native bf16 (AVX-512 BF16 / AMX) the CPU emulates it and autocast is slower.
@@ -144,6 +147,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         self.session_id = distributed.broadcast_object(secrets.token_hex(4))
         """8 hex chars that qualify this session's sampler snapshot names."""
         self._optimizer: torch.optim.Optimizer | None = None
+        self.loss_scale = (DynamicLossScale() if autocast_dtype == torch.float16 and not frozen
+                           else None)
+        """fp16's dynamic loss scale (None in bf16 or fp32): saved and restored with the
+        optimizer."""
         self._step = 0
         self._pending_loss_tokens = 0
         self._pending_sequences = 0
@@ -274,8 +281,7 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         """
         self._check_trainable("forward_backward")
         loss, output = self._builtin_loss(data, loss_fn, loss_fn_config)
-        with collective("running the backward pass"):
-            loss.backward()
+        self._backward(loss)
         self._note_backward(len(output.loss_fn_outputs), int(output.metrics["num_loss_tokens"]))
         return _done(output)
 
@@ -319,8 +325,7 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
                              f"build it from the tensors the loss function receives")
         if anchor is not None:
             loss = loss + anchor
-        with collective("running the backward pass"):
-            loss.backward()
+        self._backward(loss)
         self._note_backward(len(datums), loss_tokens)
         output_key = output.value
         return _done(ForwardBackwardOutput(
@@ -335,6 +340,12 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
             raise TrainingUsageError(f"{method} on a frozen reference client: it serves forward() "
                                f"only; train with the policy client from "
                                f"create_training_client")
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.loss_scale is not None:  # fp16: keep small gradients above underflow
+            loss = loss * self.loss_scale.scale
+        with collective("running the backward pass"):
+            loss.backward()
 
     def _note_backward(self, sequences: int, loss_tokens: int) -> None:
         self._pending_backward = True
@@ -363,6 +374,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         Gradients with a NaN or infinite norm never reach the weights: the update is skipped
         (weights, optimizer moments and :attr:`step` stay as they were, the gradients are
         dropped) and the result says so with ``metrics["non_finite"] == 1.0`` (0.0 otherwise).
+        Under fp16 mixed precision such a gradient is first taken for an overflow of the loss
+        scale: the update is skipped the same way, the scale halved, and the result has
+        ``metrics["overflow"] == 1.0`` with ``non_finite`` 0.0 (``loss_scale`` is always there);
+        only at the smallest scale is it reported non-finite.
 
         Raises:
             ValueError: a non-finite or out-of-range Adam parameter.
@@ -388,18 +403,28 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
                 with collective("reducing the gradient norm"):
                     total = total.full_tensor()
             grad_norm = float(total) / denominator
+        loss_scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+        grad_norm /= loss_scale
+        fp16 = {"loss_scale": loss_scale} if self.loss_scale is not None else {}
         if not math.isfinite(grad_norm):
             # One NaN/inf gradient would make every weight and Adam moment NaN for good.
             self.model.zero_grad(set_to_none=True)
             self._pending_backward = False
             self._pending_loss_tokens = self._pending_sequences = 0
+            if self.loss_scale is not None and self.loss_scale.overflowed():
+                logger.info("job %s: fp16 gradient overflow at loss scale %g; update skipped, "
+                            "scale now %g", self.job_id, loss_scale, self.loss_scale.scale)
+                return _done(OptimStepResponse(metrics={
+                    "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
+                    "step": float(self._step), "normalized_by": float(denominator),
+                    "non_finite": 0.0, "overflow": 1.0, "loss_scale": self.loss_scale.scale}))
             logger.warning("job %s: the gradient norm is %s; the update was skipped (weights "
                            "unchanged at step %d)", self.job_id, grad_norm, self._step)
             return _done(OptimStepResponse(metrics={
                 "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
                 "step": float(self._step), "normalized_by": float(denominator),
-                "non_finite": 1.0}))
-        scale = 1.0 / denominator
+                "non_finite": 1.0, **fp16}))
+        scale = 1.0 / (denominator * loss_scale)
         if 0 < adam_params.grad_clip_norm < grad_norm:
             scale *= adam_params.grad_clip_norm / (grad_norm + 1e-6)
         if grads and scale != 1.0:
@@ -417,10 +442,13 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         self._step += 1
         self._pending_backward = False
         self._pending_loss_tokens = self._pending_sequences = 0
+        if self.loss_scale is not None:
+            self.loss_scale.stepped()
+            fp16["overflow"] = 0.0
         return _done(OptimStepResponse(metrics={
             "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
             "step": float(self._step), "normalized_by": float(denominator),
-            "non_finite": 0.0}))
+            "non_finite": 0.0, **fp16}))
 
     # ---------------------------------------------------------------- train state (DCP)
 

@@ -281,6 +281,10 @@ class MixedPrecision(Choice):
     BF16 / AMX), else fp32."""
     bf16 = "bf16"
     """bf16 autocast always."""
+    fp16 = "fp16"
+    """fp16 autocast with dynamic loss scaling, for GPUs without bf16 (V100, T4): an update
+    whose gradient overflows is skipped and the scale halved (``overflow`` and ``loss_scale``
+    in the step's metrics)."""
     no = "no"
     """fp32 throughout (also spelled ``fp32`` or ``none``)."""
 

@@ -45,8 +45,9 @@ class InfraConfig:
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
     mixed_precision: MixedPrecision = MixedPrecision.auto
-    """``auto`` (bf16 autocast where the hardware is native), ``bf16`` or ``no``; master weights
-    and optimizer state stay fp32."""
+    """``auto`` (bf16 autocast where the hardware is native), ``bf16``, ``fp16`` (with dynamic
+    loss scaling, for GPUs without bf16) or ``no``; master weights and optimizer state stay
+    fp32."""
     num_threads: int | None = None
     """torch intra-op threads (default: torch's choice). Exact resume needs the same count: a
     different count changes float summation order."""

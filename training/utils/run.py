@@ -529,12 +529,21 @@ class ResumableRun:
         if num_tokens is not None:
             metrics.update(num_tokens=num_tokens, tokens_per_s=num_tokens / max(elapsed, 1e-9))
         metrics["step_time_s"] = elapsed
+        overflow = False
         if optim is not None:
             metrics.update(learning_rate=optim.metrics["learning_rate"],
                            grad_norm=optim.metrics["grad_norm"])
+            if "loss_scale" in optim.metrics:  # fp16
+                metrics["loss_scale"] = optim.metrics["loss_scale"]
+                # An overflow of the loss scale skipped the update: fp16's normal course while
+                # the scale settles, not a non-finite step.
+                overflow = optim.metrics.get("overflow") == 1.0
+                if overflow:
+                    metrics["skipped_overflow"] = 1
         metrics["epoch"] = data_consumed / len(self.dataset)
         bad = {k: metrics[k] for k in ("loss", "grad_norm")
-               if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])}
+               if isinstance(metrics.get(k), float) and not math.isfinite(metrics[k])
+               and not (overflow and k == "grad_norm")}
         if bad:
             # The training client skipped the update (a non-finite gradient never reaches the
             # weights); this decides whether the run goes on.
