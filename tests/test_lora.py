@@ -310,55 +310,143 @@ def _tiny_arch(arch: str):
                                                 bos_token_id=1, eos_token_id=2, **common),
         "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
                                                 bos_token_id=1, eos_token_id=2),
+        "qwen3": lambda: transformers.Qwen3Config(hidden_size=32, intermediate_size=64,
+                                                  num_key_value_heads=2, head_dim=8, **common),
+        "gemma3": lambda: transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64,
+                                                        num_key_value_heads=2, head_dim=8,
+                                                        **common),
+        # MoE: transformers 5 keeps each layer's experts as fused 3-D parameters
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, head_dim=8, **common),
+        "mixtral": lambda: transformers.MixtralConfig(
+            hidden_size=32, intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, **common),
     }
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(configs[arch]())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "gpt2", "qwen3_moe",
+         "mixtral"]
+
+
+def _adapted_kinds(model) -> set[str]:
+    """``attn`` / ``mlp`` for every module carrying an adapter (an MoE layer's experts: mlp)."""
+    from training.sdk.lora import ATTENTION_PARTS
+
+    kinds = set()
+    for name, _ in model.named_parameters():
+        if "lora_A" in name:
+            parts = name.split(".lora_A")[0].split(".")
+            kinds.add("attn" if any(p in ATTENTION_PARTS for p in parts) else "mlp")
+    return kinds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_default_targets_adapt_attention_and_mlp_and_merge_like_peft(arch, tmp_path):
     """Every architecture's block projections are adapted by default (GPT-2's Conv1D, Phi-3's
-    fused qkv_proj / gate_up_proj included), and a deployment's merge of the saved adapter
-    equals peft's own merge_and_unload."""
-    from training.sdk.lora import _block_projections, apply_lora, lora_targets, save_adapter
+    fused qkv_proj / gate_up_proj, MoE experts' fused 3-D weights included), and a
+    deployment's merge of the saved adapter equals peft's own merge_and_unload."""
+    from training.sdk.lora import (
+        _block_projections,
+        _expert_parameters,
+        apply_lora,
+        lora_targets,
+        save_adapter,
+    )
     from training.sdk.snapshots import merge_lora_weights
 
     base = _tiny_arch(arch)
     kinds = _block_projections(base)
+    experts = _expert_parameters(base)
+    assert bool(experts) == (arch in ("qwen3_moe", "mixtral"))
     base_weights = {k: v.clone() for k, v in base.state_dict().items()}
     model = apply_lora(base, rank=4)
-    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1]
-               for name, _ in model.named_parameters() if "lora_A" in name}
-    assert {kinds[leaf] for leaf in adapted} == {"attn", "mlp"}, (arch, adapted)
+    assert _adapted_kinds(model) == {"attn", "mlp"}, arch
+    if experts:  # a rank-4 adapter per expert on each fused expert weight; the router has none
+        assert sum("experts" in n and "lora_A" in n for n, _ in model.named_parameters()) == 4
+        assert not any(".gate.lora" in n for n, _ in model.named_parameters())
     assert set(lora_targets(_tiny_arch(arch), train_attn=False, train_unembed=False)) == {
-        leaf for leaf, kind in kinds.items() if kind == "mlp"}
+        leaf for leaf, kind in kinds.items() if kind == "mlp"} | set(experts)
     with torch.no_grad():  # a trained adapter: B is no longer zero
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
+    tokens = torch.randint(0, 64, (1, 12))
+    expected = model.eval()(tokens).logits  # eval: no dropout (GPT-2 has some)
     save_adapter(model, tmp_path / "adapter")
     ours = merge_lora_weights(base_weights, str(tmp_path / "adapter"), "test")
     theirs = model.merge_and_unload().state_dict()
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, msg=f"{arch}: {key}")
+    # The merged weights compute what the adapted model did.
+    plain = _tiny_arch(arch)
+    plain.load_state_dict(ours)
+    torch.testing.assert_close(plain.eval()(tokens).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_moe_experts_are_fused_parameters_and_the_default_says_so(caplog):
-    """transformers 5 keeps MoE experts as fused 3-D parameters, not Linear layers: the
-    default adapts attention only, and says so (experts are not adapted yet)."""
-    import logging
-
+def test_moe_experts_refuse_dropout_by_name():
     import transformers
 
-    from training.sdk.lora import apply_lora
+    from training.sdk.lora import LoraError, apply_lora
 
-    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         moe_intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         num_experts=4, num_experts_per_tok=2, head_dim=8)
-    with caplog.at_level(logging.WARNING, logger="training.sdk.lora"):
-        model = apply_lora(transformers.AutoModelForCausalLM.from_config(config), rank=4)
-    assert "experts as fused parameters" in caplog.text
-    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters()
-               if "lora_A" in n}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    model = _tiny_arch("qwen3_moe")
+    with pytest.raises(LoraError, match=r"lora_dropout=0.1 cannot apply to Qwen3MoeForCausalLM's "
+                                        r"expert weights \['mlp.experts.gate_up_proj'"):
+        apply_lora(model, rank=4, dropout=0.1)
+    assert transformers  # the dense projections alone take dropout:
+    apply_lora(_tiny_arch("qwen3_moe"), rank=4, dropout=0.1,
+               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+
+
+def test_an_moe_adapter_trains_its_experts_serves_and_promotes_merged(store_root, tmp_path):
+    """Tinker's create_lora_training_client on a Qwen3-MoE model: the experts' adapters train,
+    a deployment serves the adapter merged onto the base, and the promoted model is a plain
+    transformers model computing the same."""
+    import transformers
+
+    from training.sdk import DeploymentManager, ModelRegistry
+    from training.sdk.tiny_model import build_tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-moe"
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, head_dim=8)).save_pretrained(model_dir)
+    service = ServiceClient(store_root, device="cpu", mixed_precision="no")
+    client = service.create_lora_training_client(str(model_dir), rank=4, seed=0)
+    experts = {n: p.detach().clone() for n, p in client.model.named_parameters()
+               if "experts" in n and "lora_B" in n}
+    assert len(experts) == 4  # gate_up_proj and down_proj of both layers
+    tokens = [5, 9, 14, 3, 22, 41, 7, 30, 12, 6]
+    _train(client, [_datum(tokens)], 3, lr=5e-2)
+    assert all(not torch.equal(p, experts[n]) for n, p in client.model.named_parameters()
+               if n in experts)
+    snapshot = client.save_weights_for_sampler_ext("moe-1")
+    from safetensors import safe_open
+
+    adapter_file = f"{service.store.sampler_dir(client.job_id, snapshot.snapshot_name)}/" \
+                   f"adapter_model.safetensors"
+    with safe_open(adapter_file, "pt") as f:  # the adapter alone: no copy of the base's layers
+        assert all(".lora_" in key for key in f.keys())
+    manager = DeploymentManager(service.store, device="cpu", engine="transformers")
+    deployment = manager.create_deployment(str(model_dir), "moe-serve")
+    manager.hotload("moe-serve", snapshot.path)
+    prompt = torch.tensor([tokens])
+    with torch.no_grad():
+        policy = client.model(input_ids=prompt).logits
+        torch.testing.assert_close(deployment.engine.model(input_ids=prompt).logits, policy,
+                                   atol=1e-4, rtol=0)
+    registry = ModelRegistry(service.store)
+    promoted = registry.promote_checkpoint(
+        name=registry.checkpoint_name(client.job_id, snapshot.snapshot_name),
+        output_model_id="moe-merged", merge=True)
+    plain = AutoModelForCausalLM.from_pretrained(promoted["path"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=prompt).logits, policy, atol=1e-4, rtol=0)

@@ -57,25 +57,39 @@ def _is_router(model: torch.nn.Module, module: torch.nn.Module) -> bool:
     return bool(experts) and getattr(module, "out_features", None) == experts
 
 
-def _warn_fused_experts(model: torch.nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-        logger.warning("%s keeps its experts as fused parameters, not Linear layers: the "
-                       "default LoRA targets adapt its attention (and any dense MLP) but not "
-                       "the experts", type(model).__name__)
+def _expert_parameters(model: torch.nn.Module) -> list[str]:
+    """The fused expert weights of an MoE model's blocks, as peft ``target_parameters``
+    (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``): transformers 5 keeps each
+    layer's experts as 3-D ``[experts, out, in]`` parameters, not Linear layers."""
+    found: dict[str, None] = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if param.dim() != 3 or "experts" not in parts[:-1]:
+            continue
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        if digits:  # relative to the block: "mlp.experts.gate_up_proj"
+            found.setdefault(".".join(parts[digits[0] + 1:]))
+    return list(found)
+
+
+def _split_targets(model: torch.nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``targets`` as peft's ``(target_modules, target_parameters)``: names of 3-D expert
+    parameters go to the second."""
+    experts = set(_expert_parameters(model))
+    return ([t for t in targets if t not in experts], [t for t in targets if t in experts])
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
     """Every linear-like projection of the model's blocks, attention and MLP (for Llama-style
-    models exactly :data:`DEFAULT_TARGET_MODULES`); see :func:`_block_projections`."""
-    found = list(_block_projections(model))
+    models exactly :data:`DEFAULT_TARGET_MODULES`), and an MoE model's expert weights; see
+    :func:`_block_projections` and :func:`_expert_parameters`."""
+    found = list(_block_projections(model)) + _expert_parameters(model)
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear)})
         raise LoraError(f"{type(model).__name__} has no Linear or Conv1D layers inside its "
                         f"blocks to adapt; set lora_target_modules to names of its layers "
                         f"(e.g. {names[:6]})")
-    _warn_fused_experts(model)
     return found
 
 
@@ -95,11 +109,13 @@ def lora_targets(model: torch.nn.Module, *, train_mlp: bool = True, train_attn: 
         raise LoraError("train_mlp, train_attn and train_unembed are all False: the adapter "
                         "would train nothing")
     blocks = _block_projections(model)
+    experts = _expert_parameters(model)
     wanted = tuple(leaf for leaf, kind in blocks.items()
                    if (kind == "attn" and train_attn) or (kind == "mlp" and train_mlp))
+    wanted += tuple(experts) if train_mlp else ()
     wanted += UNEMBED_MODULES if train_unembed else ()
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)} | set(blocks)
+             if isinstance(module, torch.nn.Linear)} | set(blocks) | set(experts)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         names -= set(UNEMBED_MODULES)
         if wanted == UNEMBED_MODULES:
@@ -118,7 +134,9 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
     """Wrap ``model`` in a peft LoRA model; only the adapter's A/B matrices stay trainable.
 
     ``alpha`` defaults to ``2 * rank`` (scale 2, a common default). peft initializes B to zero,
-    so the wrapped model computes exactly what the base did until the first update.
+    so the wrapped model computes exactly what the base did until the first update. Targets
+    naming an MoE model's fused expert weights (``mlp.experts.gate_up_proj``) get a rank-
+    ``rank`` adapter per expert through peft's ``target_parameters``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -127,11 +145,17 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
     from transformers.pytorch_utils import Conv1D
 
     targets = list(target_modules) if target_modules else default_target_modules(model)
+    modules, parameters = _split_targets(model, targets)
+    if parameters and dropout:
+        raise LoraError(f"lora_dropout={dropout} cannot apply to {type(model).__name__}'s "
+                        f"expert weights {parameters} (peft adapts fused parameters without "
+                        f"dropout): set lora_dropout to 0, or lora_target_modules without them")
     # GPT-2's Conv1D stores [in, out] weights: peft needs fan_in_fan_out for it.
-    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets
+    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in modules
                  for n, m in model.named_modules())
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
-                        lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        lora_dropout=dropout, target_modules=modules or None,
+                        target_parameters=parameters or None, task_type="CAUSAL_LM",
                         fan_in_fan_out=conv1d)
     try:
         with warnings.catch_warnings():
@@ -163,7 +187,10 @@ def save_adapter(model: torch.nn.Module, directory: str | Path,
 
     ``state_dict``: the model's (trainable) weights as full tensors, when the model's own are
     sharded across ranks (FSDP2); by default they are read from ``model``."""
-    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+    # The base's embedding and output layers never change (an adapter on lm_head is its own
+    # A/B): peft's "auto" would copy them into every adapter when lm_head is a target.
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict,
+                          save_embedding_layers=False)
 
 
 def load_adapter_weights(model: torch.nn.Module, directory: str | Path) -> None:

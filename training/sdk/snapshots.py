@@ -204,22 +204,49 @@ def merge_lora_weights(base: Mapping[str, torch.Tensor], adapter_dir: str,
     rank = config["r"]
     scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
     adapter = verify_snapshot_files(adapter_dir, f"snapshot {identity}")
+    wrapped = _wrapped_parameters(base, config.get("target_parameters") or [])
     merged = dict(base)
     for key, lora_a in adapter.items():
         if ".lora_A." not in key:
             continue
         module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        target = f"{module}.weight"
         lora_b = adapter.get(key.replace(".lora_A.", ".lora_B."))
+        # peft nests one wrapper per targeted parameter of a module, the first registered
+        # innermost: ``experts.lora_A`` adapts the module's last one, ``experts.base_layer.
+        # lora_A`` the one before, and so on.
+        unwrapped = module.replace(".base_layer", "")
+        params = wrapped.get(unwrapped)
+        depth = module.count(".base_layer")
+        target = params[len(params) - 1 - depth] if params and depth < len(params) \
+            else f"{module}.weight"
         if target not in base or lora_b is None:
             raise SnapshotMismatchError(f"snapshot {identity}: adapter module {module!r} has no "
                                         f"matching weight in the base model (or no lora_B)")
         weight = base[target]
-        delta = lora_b.float() @ lora_a.float()
-        if config.get("fan_in_fan_out"):  # GPT-2's Conv1D stores its weight as [in, out]
-            delta = delta.T
+        if weight.dim() == 3:  # an MoE layer's experts: a rank-r adapter per expert
+            experts = weight.shape[0]
+            a = lora_a.float().reshape(experts, -1, lora_a.shape[-1])   # e r in
+            b = lora_b.float().reshape(lora_b.shape[0], -1, experts)    # out r e
+            delta = torch.einsum("ore,eri->eoi", b, a)
+            if delta.shape != weight.shape:  # experts stored [experts, in, out]
+                delta = delta.transpose(1, 2)
+        else:
+            delta = lora_b.float() @ lora_a.float()
+            if config.get("fan_in_fan_out"):  # GPT-2's Conv1D stores its weight as [in, out]
+                delta = delta.T
         merged[target] = (weight.float() + scale * delta).to(weight.dtype)
     return merged
+
+
+def _wrapped_parameters(base: Mapping[str, torch.Tensor],
+                        target_parameters: list[str]) -> dict[str, list[str]]:
+    """Module -> its weights named by peft ``target_parameters``, in registration order
+    (the order of ``base``, a state dict)."""
+    found: dict[str, list[str]] = {}
+    for name in base:
+        if any(name == t or name.endswith("." + t) for t in target_parameters):
+            found.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    return found
 
 
 def _manifest_reference(store: CheckpointStore, entry_dir: str) -> str:
