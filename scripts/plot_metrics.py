@@ -20,7 +20,8 @@ EXIT_BAD_INPUT = 2
 PLOTS_DIR = "plots"
 # (file stem, title, predicate on a metric name): which metrics go into which figure.
 FIGURES = (
-    ("loss", "Loss", lambda k: k == "loss" or k.endswith("_loss") or k.startswith("loss")),
+    ("loss", "Loss", lambda k: k == "loss" or k.endswith("_loss")
+     or (k.startswith("loss") and k != "loss_scale")),  # fp16's loss_scale is no loss
     ("reward", "Reward", lambda k: "reward" in k),
     ("accuracy", "Accuracy", lambda k: "accuracy" in k or k.endswith("_acc")),
     ("learning_rate", "Learning rate", lambda k: k in ("learning_rate", "lr")),

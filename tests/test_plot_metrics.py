@@ -57,3 +57,9 @@ def test_missing_metrics_and_missing_matplotlib(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert plot_metrics.main([str(log)]) == 2
     assert "needs matplotlib: pip install 'homefire[plot]'" in capsys.readouterr().err
+
+
+def test_the_loss_figure_holds_losses_only():
+    wanted = dict((stem, pred) for stem, _, pred in plot_metrics.FIGURES)["loss"]
+    assert [k for k in ("loss", "eval_loss", "loss:sum", "loss_scale", "grad_norm")
+            if wanted(k)] == ["loss", "eval_loss", "loss:sum"]
