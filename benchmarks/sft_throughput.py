@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PRESETS = {"smollm2-135m": "homefire/smollm2-135m-shape",
+           "qwen3-0.6b": "homefire/qwen3-0.6b-shape"}
+"""Short names of the real-shape models built offline at random init (training/sdk/tiny_model.py)."""
 CONTENDERS = ("ours", "ours-compiled", "trl-default", "trl-best", "ceiling")
 COMPILE_EXTRA_WARMUP = 8
 DATA_SHAPES = {"mixed": (0.1, 1.0), "long": (0.6, 1.0)}
@@ -75,6 +78,25 @@ def make_data(path: Path, tokenizer, max_len: int, rows: int = 400,
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
 
 
+def model_name(model: str) -> str:
+    """``--model`` as the recipes take it: a preset's built-in name, else as given."""
+    return PRESETS.get(model, model)
+
+
+def model_dir(model: str) -> str:
+    """The local Hugging Face directory of ``--model``: a built-in model (built on first use)
+    or a directory given as is."""
+    from training.sdk.tiny_model import ensure_tiny_model, is_tiny_model
+
+    name = model_name(model)
+    if is_tiny_model(name):
+        return str(ensure_tiny_model(name))
+    if (Path(name) / "config.json").is_file():
+        return name
+    sys.exit(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), a built-in model "
+             f"nor a local Hugging Face model directory (with config.json)")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -89,7 +111,7 @@ def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
     # vary (a minute or more each on 2 cores): steady-state throughput needs a longer warm-up.
     warmup = args.warmup + (COMPILE_EXTRA_WARMUP if compile else 0)
     with tempfile.TemporaryDirectory() as tmp:
-        main(Config(log_path=f"{tmp}/run", base_model=args.model, dataset=args.data,
+        main(Config(log_path=f"{tmp}/run", base_model=model_name(args.model), dataset=args.data,
                     batch_size=args.batch_size, max_seq_len=args.max_len,
                     long_row_policy="truncate", epochs=100, max_steps=warmup + args.steps,
                     learning_rate=1e-4, dcp_save_interval=10,
@@ -109,10 +131,8 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training.sdk.tiny_model import ensure_tiny_model
-
     torch.set_num_threads(args.threads)
-    model_dir = str(ensure_tiny_model(args.model))
+    directory = model_dir(args.model)
     step_times: list[float] = []
     tokens_per_step: list[int] = []
 
@@ -128,9 +148,9 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
                            use_cpu=True, max_steps=args.warmup + args.steps,
                            learning_rate=1e-4, save_strategy="no", report_to=[],
                            logging_strategy="no", dataloader_num_workers=0, **extra)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(directory),
                              args=config, processing_class=AutoTokenizer.from_pretrained(
-                                 model_dir),
+                                 directory),
                              train_dataset=load_dataset("json", data_files=args.data,
                                                         split="train"),
                              callbacks=[Timer()])
@@ -154,18 +174,16 @@ def run_ceiling(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.sdk.tiny_model import ensure_tiny_model
-
     torch.set_num_threads(args.threads)
-    model_dir = str(ensure_tiny_model(args.model))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    directory = model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     stream: list[int] = []
     for line in Path(args.data).read_text().splitlines():
         stream += tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True,
                                                 return_dict=False)
     width = args.max_len
     rows = torch.tensor(stream[: len(stream) // width * width]).view(-1, width)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(directory)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times = []
     for step in range(args.warmup + args.steps):
@@ -194,7 +212,9 @@ def run_child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="homefire/tiny-qwen3-10m")
+    parser.add_argument("--model", default="homefire/tiny-qwen3-10m",
+                        help=f"a built-in model, a real-shape preset built offline at random "
+                             f"init ({', '.join(PRESETS)}), or a local Hugging Face directory")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds")
@@ -213,11 +233,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from training.sdk.tiny_model import ensure_tiny_model
-
     tmp = Path(tempfile.mkdtemp(prefix="homefire-bench-"))
     data = tmp / "chats.jsonl"
-    make_data(data, AutoTokenizer.from_pretrained(ensure_tiny_model(args.model)), args.max_len,
+    make_data(data, AutoTokenizer.from_pretrained(model_dir(args.model)), args.max_len,
               shape=args.data_shape)
     results: dict[str, list[dict]] = {name: [] for name in args.only}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}

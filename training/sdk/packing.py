@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-__all__ = ["WIDE_ROW_LIMIT", "PackedBatch", "pack_routing", "pack_sequences", "token_logprobs",
-           "unpack_routing"]
+__all__ = ["MAX_LOGITS", "WIDE_ROW_LIMIT", "PackedBatch", "pack_routing", "pack_sequences",
+           "token_logprobs", "unpack_routing"]
 
 
 @dataclass
@@ -86,14 +87,73 @@ def pack_sequences(inputs: Sequence[Sequence[int]], targets: Sequence[torch.Tens
     return PackedBatch(input_ids, target_ids, position_ids, mask[:, None], placements)
 
 
+MAX_LOGITS = 2 ** 24
+"""Most logits :func:`token_logprobs` holds at once (64 MB in fp32): a batch whose
+``positions x vocabulary`` is larger is scored in chunks of positions."""
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
-                    ) -> torch.Tensor:
-    """``[rows, row_len]`` log-probs (fp32) of ``target_ids`` under ``model``'s logits."""
-    logits = model(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=attention_mask, use_cache=False).logits
-    return -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target_ids.reshape(-1),
-                            reduction="none").reshape(target_ids.shape)
+                   attention_mask: torch.Tensor | None, target_ids: torch.Tensor, *,
+                   max_logits: int | None = MAX_LOGITS) -> torch.Tensor:
+    """``[rows, row_len]`` log-probs (fp32) of ``target_ids`` under ``model``'s logits.
+
+    A large vocabulary makes the logits the biggest tensor of a step (a 0.6B model's 151,936
+    columns: 2.4 GB in fp32 for 4,096 positions, held again by the log-softmax for backward).
+    When ``positions x vocabulary`` exceeds ``max_logits`` (None: never), the model's body runs
+    once and the output layer, log-softmax and gather run over chunks of positions, each
+    recomputed in backward (activation checkpointing) instead of kept: at most one chunk's
+    logits exist at a time, for one more forward of the output layer. Same values up to float
+    summation order. Models whose logits are more than their output layer's (Gemma's soft-
+    capping, a logit scale) and FSDP-sharded models take the whole-batch path.
+    """
+    vocab = _chunkable_vocab(model)
+    if max_logits is None or vocab is None or target_ids.numel() * vocab <= max_logits:
+        logits = model(input_ids=input_ids, position_ids=position_ids,
+                       attention_mask=attention_mask, use_cache=False).logits
+        return -F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                target_ids.reshape(-1), reduction="none").reshape(target_ids.shape)
+    hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = target_ids.reshape(-1)
+    size = max(1, max_logits // vocab)
+    pieces = []
+    for start in range(0, targets.numel(), size):
+        chunk = (head, hidden[start:start + size], targets[start:start + size])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # Recomputed in backward (under the same autocast): only the chunk's hidden
+            # states are kept, not its logits.
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk,
+                                                            use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*chunk))
+    return torch.cat(pieces).reshape(target_ids.shape)
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_multiplier_scale")
+"""Config fields of models whose forward does more to the logits than the output layer."""
+
+
+def _chunkable_vocab(model: torch.nn.Module) -> int | None:
+    """The vocabulary size if ``model``'s logits are exactly its output layer applied to its
+    decoder's last hidden states (so :func:`token_logprobs` may chunk them), else None."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_decoder") or any(
+            getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in (model, getattr(model, "base_model", None))):
+        return None  # the root's unshard hook runs only when the root module is called
+    vocab = getattr(config, "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
 def _first_fit_decreasing(lengths: Sequence[int], row_len: int,

@@ -104,6 +104,10 @@ class TinyModelSpec:
     """Seed of the generator the weights are drawn from."""
     max_position_embeddings: int = 2048
     """Longest sequence the model is configured for, in tokens."""
+    vocab_size: int | None = None
+    """Rows of the embedding and output layers: None for the tokenizer's own size; more pads
+    the tiny tokenizer out to a real model's vocabulary (the extra ids are never produced by
+    the tokenizer, but every step computes logits over all of them, as the real model does)."""
     description: str = ""
     """What the model is for; not part of the architecture."""
 
@@ -127,8 +131,24 @@ TINY_MODELS: dict[str, TinyModelSpec] = {
         head_dim=32, intermediate_size=1024, seed=2,
         description="~11M params: for smoke tests and benchmarks.",
     ),
+    # Real shapes at random init, for benchmarks at size (benchmarks/README.md): the
+    # architecture of a released model as a Qwen3 config, its vocabulary size padded onto the
+    # tiny tokenizer. Built on first use (0.6B: ~2.4 GB of fp32 weights in the cache).
+    "homefire/smollm2-135m-shape": TinyModelSpec(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, intermediate_size=1536, vocab_size=49152, seed=3,
+        max_position_embeddings=8192,
+        description="~135M params: SmolLM2-135M's shape (vocab 49,152) at random init.",
+    ),
+    "homefire/qwen3-0.6b-shape": TinyModelSpec(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=3072, vocab_size=151936, seed=4,
+        max_position_embeddings=40960,
+        description="~0.6B params: Qwen3-0.6B's shape (vocab 151,936) at random init.",
+    ),
 }
-"""The built-in tiny models, by name. Names look like hub ids but are never fetched."""
+"""The built-in models, by name: tiny ones for demos and tests, real shapes at random init
+for benchmarks. Names look like hub ids but are never fetched."""
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
@@ -310,8 +330,11 @@ def _spec(name: str) -> TinyModelSpec:
 
 def _qwen3_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    if spec.vocab_size is not None and spec.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {spec.vocab_size} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} tokens")
     return Qwen3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.vocab_size or len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -417,7 +440,9 @@ def _fingerprint(name: str) -> str:
     parts = {
         "build_version": _BUILD_VERSION,
         "name": name,
-        "spec": asdict(_spec(name)),
+        # (vocab_size only when set: the fingerprints of the models from before it existed stay)
+        "spec": {k: v for k, v in asdict(_spec(name)).items()
+                 if not (k == "vocab_size" and v is None)},
         "corpus_sha256": hashlib.sha256(TOKENIZER_CORPUS_PATH.read_bytes()).hexdigest(),
         "chat_template": CHAT_TEMPLATE,
         "added_tokens": _ADDED_TOKENS,

@@ -25,7 +25,7 @@ from training.sdk.futures import AwaitableSelf, async_twins, completed
 from training.sdk.lora import load_adapter_weights
 from training.sdk.loss_scaling import DynamicLossScale
 from training.sdk.packed_attention import supports_packed_attention
-from training.sdk.packing import pack_sequences, token_logprobs  # noqa: F401 (old path)
+from training.sdk.packing import MAX_LOGITS, pack_sequences, token_logprobs  # noqa: F401
 from training.sdk.sampler_saves import (
     NonFiniteWeightsError,  # noqa: F401 (importable from here as before the split)
     SamplerSaves,
@@ -159,7 +159,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         """``save_state`` writes in the background (see :meth:`save_state`)."""
         # The compiled module shares the model's parameters: state dicts, checkpoints and
         # snapshots keep using self.model.
-        score = functools.partial(token_logprobs, model)
+        # Compiled, the whole-batch path (inductor fuses the upcast and log-softmax into the
+        # output layer; a loop over chunks would recompile as packed shapes vary).
+        score = functools.partial(token_logprobs, model, max_logits=None if compile
+                                  else MAX_LOGITS)
         # Compiling the loss with the model lets inductor fuse the fp32 upcast, log-softmax and
         # gather of the logits into the lm_head's epilogue (and the same in backward).
         self._eager_token_logprobs = score
