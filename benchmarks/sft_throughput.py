@@ -8,12 +8,16 @@ rounds, on the same model, data, max length and batch of 8 sequences with assist
   step's conversations packed in one row, attention per document, position resets);
 - ``ours-compiled``: the same with ``infra.compile=true`` (torch.compile; the one-off compile
   falls in the untimed warm-up steps);
+- ``ours-unchunked``: ``ours`` scoring the whole batch's logits at once, as before large
+  vocabularies were chunked (``training.sdk.packing.MAX_LOGITS``): the memory that saves;
 - ``trl-default``: TRL ``SFTTrainer`` with its defaults (gradient checkpointing on);
 - ``trl-best``: TRL with gradient checkpointing off (its best CPU setting here);
 - ``ceiling``: a minimal loop on pre-tokenized, packed 8 x max_len rows, bf16 autocast, fused
   AdamW; it ignores document boundaries and does no checkpointing: the practical ceiling.
 
-Prints real (non-pad) tokens/s, s/step and peak RSS per contender, and the ratios. TRL is a
+Prints real (non-pad) tokens/s, s/step and peak RSS per contender (during the timed steps, and
+over the whole process), and the ratios. ``--model`` takes a built-in model, a real-shape preset
+built offline at random init (``smollm2-135m``, ``qwen3-0.6b``) or a local directory. TRL is a
 benchmark-only dependency (``pip install trl``).
 
 ``--data-shape`` picks the conversations (built from the bundled chats, merged to a target
@@ -40,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"smollm2-135m": "homefire/smollm2-135m-shape",
            "qwen3-0.6b": "homefire/qwen3-0.6b-shape"}
 """Short names of the real-shape models built offline at random init (training/sdk/tiny_model.py)."""
-CONTENDERS = ("ours", "ours-compiled", "trl-default", "trl-best", "ceiling")
+CONTENDERS = ("ours", "ours-compiled", "ours-unchunked", "trl-default", "trl-best", "ceiling")
 COMPILE_EXTRA_WARMUP = 8
 DATA_SHAPES = {"mixed": (0.1, 1.0), "long": (0.6, 1.0)}
 """Conversation lengths as a uniform range of fractions of max_len."""
@@ -101,6 +105,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """This process's resident memory every 10 ms, in a thread: the peak of a time window
+    (the timed steps) apart from what came before or after (loading, the final checkpoint)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self._page_mb = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with open("/proc/self/statm") as statm:
+            while not self._stop.wait(0.01):
+                statm.seek(0)
+                self.samples.append((time.time(), int(statm.read().split()[1]) * self._page_mb))
+
+    def peak_mb(self, start: float, end: float) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max((mb for t, mb in self.samples if start <= t <= end), default=float("nan"))
+
+
 # ---------------------------------------------------------------------------- contenders
 def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
     from training.recipes.sft_loop import Config, main
@@ -110,6 +139,11 @@ def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
     # torch.compile compiles at the first step and recompiles once or twice as packed shapes
     # vary (a minute or more each on 2 cores): steady-state throughput needs a longer warm-up.
     warmup = args.warmup + (COMPILE_EXTRA_WARMUP if compile else 0)
+    if args.contender == "ours-unchunked":  # the whole batch's logits at once (before chunking)
+        from training.sdk import training_client
+
+        training_client.MAX_LOGITS = None
+    sampler = RssSampler()
     with tempfile.TemporaryDirectory() as tmp:
         main(Config(log_path=f"{tmp}/run", base_model=model_name(args.model), dataset=args.data,
                     batch_size=args.batch_size, max_seq_len=args.max_len,
@@ -122,7 +156,8 @@ def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
     seconds = timed[-1]["time"] - rows[warmup - 1]["time"]
     tokens = sum(r["num_tokens"] for r in timed)
     return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / len(timed),
-            "warmup_s": rows[warmup - 1]["time"] - rows[0]["time"]}
+            "warmup_s": rows[warmup - 1]["time"] - rows[0]["time"],
+            "train_peak_mb": sampler.peak_mb(rows[warmup - 1]["time"], timed[-1]["time"])}
 
 
 def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> dict:
@@ -139,6 +174,10 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
     class Timer(TrainerCallback):
         def on_step_end(self, *_, **__):
             step_times.append(time.perf_counter())
+            wall_times.append(time.time())
+
+    wall_times: list[float] = []
+    sampler = RssSampler()
 
     with tempfile.TemporaryDirectory() as tmp:
         extra = {} if gradient_checkpointing is None else {
@@ -167,7 +206,8 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
     timed = slice(args.warmup, args.warmup + args.steps)
     seconds = step_times[timed.stop - 1] - step_times[timed.start - 1]
     return {"tokens_per_s": sum(tokens_per_step[timed]) / seconds,
-            "s_per_step": seconds / args.steps}
+            "s_per_step": seconds / args.steps,
+            "train_peak_mb": sampler.peak_mb(wall_times[timed.start - 1], wall_times[-1])}
 
 
 def run_ceiling(args: argparse.Namespace) -> dict:
@@ -185,7 +225,8 @@ def run_ceiling(args: argparse.Namespace) -> dict:
     rows = torch.tensor(stream[: len(stream) // width * width]).view(-1, width)
     model = AutoModelForCausalLM.from_pretrained(directory)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
+    times, wall_times = [], []
+    sampler = RssSampler()
     for step in range(args.warmup + args.steps):
         start = (step * args.batch_size) % (len(rows) - args.batch_size)
         batch = rows[start:start + args.batch_size]
@@ -195,13 +236,16 @@ def run_ceiling(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter())
+        wall_times.append(time.time())
     seconds = times[-1] - times[args.warmup - 1]
     return {"tokens_per_s": args.steps * args.batch_size * width / seconds,
-            "s_per_step": seconds / args.steps}
+            "s_per_step": seconds / args.steps,
+            "train_peak_mb": sampler.peak_mb(wall_times[args.warmup - 1], wall_times[-1])}
 
 
 def run_child(args: argparse.Namespace) -> None:
     runners = {"ours": run_ours, "ours-compiled": lambda a: run_ours(a, compile=True),
+               "ours-unchunked": run_ours,
                "trl-default": lambda a: run_trl(a, None),
                "trl-best": lambda a: run_trl(a, False), "ceiling": run_ceiling}
     result = runners[args.contender](args)
@@ -260,16 +304,19 @@ def main() -> None:
           f"{args.threads} threads, {args.steps} timed steps, best of {args.rounds} round(s), "
           f"data shape {args.data_shape} ({DATA_SHAPES[args.data_shape][0]:.0%}-"
           f"{DATA_SHAPES[args.data_shape][1]:.0%} of max_len)")
-    print(f"{'contender':<14} {'real tok/s':>10} {'s/step':>8} {'peak MB':>8}")
+    print(f"{'contender':<14} {'real tok/s':>10} {'s/step':>8} {'train MB':>8} {'peak MB':>8}"
+          f"   (train: peak RSS during the timed steps; peak: whole process, load and final "
+          f"checkpoint included)")
     for name in args.only:
         fastest = max(results[name], key=lambda r: r["tokens_per_s"])
         print(f"{name:<14} {fastest['tokens_per_s']:>10.0f} {fastest['s_per_step']:>8.3f} "
+              f"{min(r['train_peak_mb'] for r in results[name]):>8.0f} "
               f"{fastest['peak_rss_mb']:>8.0f}")
     if "ours-compiled" in results:
         print(f"(ours-compiled: {COMPILE_EXTRA_WARMUP} extra untimed warm-up steps; steps "
               f"2-{args.warmup + COMPILE_EXTRA_WARMUP} incl. compiles took "
               f"{min(r['warmup_s'] for r in results['ours-compiled']):.0f} s)")
-    for ours in ("ours", "ours-compiled"):
+    for ours in ("ours", "ours-compiled", "ours-unchunked"):
         if ours not in results:
             continue
         print()
