@@ -98,3 +98,51 @@ def test_the_model_gets_its_own_attention_back(tiny_model_dir):
         raise RuntimeError("a failed forward pass")
     assert model.config._attn_implementation == before
     assert "homefire" not in model.config.to_json_string()
+
+
+def test_the_cuda_varlen_path_hands_the_kernel_each_document(monkeypatch):
+    """The plumbing of the CUDA path (token layout, cumulative offsets, GQA, output layout),
+    run on CPU with a stand-in for ``varlen_attn`` that attends within each offset span: it
+    must equal the CPU per-document path. (tests/test_gpu.py checks the real kernel.)"""
+    import torch.nn.attention.varlen as varlen
+
+    from training.sdk.packed_attention import document_attention, varlen_document_attention
+
+    calls = []
+
+    def stand_in(query, key, value, cu_q, cu_k, max_q, max_k, *, scale, window_size,
+                 enable_gqa):
+        calls.append((cu_q.tolist(), max_q, window_size, enable_gqa))
+        assert cu_q.dtype == torch.int32 and cu_k is cu_q and max_k == max_q
+        outs = []
+        for begin, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            q, k, v = (t[begin:end].transpose(0, 1)[None].float() for t in (query, key, value))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(outs).to(query.dtype)
+
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    torch.manual_seed(0)
+    lengths = [5, 9, 2]
+    query = torch.randn(1, 4, 16, 8, dtype=torch.bfloat16)
+    key, value = torch.randn(1, 2, 16, 8, dtype=torch.bfloat16), torch.randn(1, 2, 16, 8,
+                                                                              dtype=torch.bfloat16)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    out = varlen_document_attention(query, key, value, positions, 8 ** -0.5)
+    assert calls == [([0, 5, 14, 16], 9, (-1, 0), True)]
+    assert out.shape == (1, 16, 4, 8) and out.dtype == torch.bfloat16
+    expected = document_attention(query, key, value, positions, 8 ** -0.5).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cuda_attends_per_document_only_under_half_precision_autocast(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from training.sdk.packed_attention import supports_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cuda = torch.device("cuda")  # the decision only: nothing runs on it
+    assert supports_packed_attention(model, cuda, torch.bfloat16)
+    assert supports_packed_attention(model, cuda, torch.float16)
+    assert not supports_packed_attention(model, cuda, None)  # flash attention has no fp32
+    assert supports_packed_attention(model, torch.device("cpu"))

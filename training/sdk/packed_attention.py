@@ -1,4 +1,5 @@
-"""Attention over packed rows, one document at a time (what varlen kernels do on GPUs), on CPU.
+"""Attention over packed rows, one document at a time: PyTorch's CPU flash-attention kernels per
+document on CPU, its variable-length flash-attention kernel (``varlen_attn``) on CUDA.
 
 A packed row holds several documents that must not see each other. The dense way masks a
 ``row_len x row_len`` score matrix per head: the work grows with the square of the row, most of
@@ -14,6 +15,11 @@ id 0 starts one (``position_ids`` reach the attention function of every model wh
 layers pass them on, as Llama, Qwen, Mistral and their kin do). The training client switches a
 model to it only for the duration of its own packed forward passes (:func:`packed_attention`),
 so a user calling the model directly gets the model's own attention.
+
+On CUDA the documents of a row are the sequences of ``torch.nn.attention.varlen.varlen_attn``
+(cumulative offsets from the same position ids, grouped-query heads as they are): one kernel
+call per layer, no mask, in the half-precision dtype autocast gives (flash attention has no fp32
+kernel, so without bf16/fp16 autocast a GPU keeps the dense masked rows).
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ PACKED_ATTENTION = "homefire_packed"
 """The ``config._attn_implementation`` name registered here."""
 
 
-def supports_packed_attention(model: torch.nn.Module, device: torch.device) -> bool:
-    """True on CPU for a ``transformers`` model with rotary positions whose layers all attend
-    fully (no sliding windows, no attention dropout) through ``config._attn_implementation``.
-
-    CPU only: it calls PyTorch's CPU flash-attention kernels. On a GPU the dense mask goes to
-    SDPA's fused kernels instead."""
-    if device.type != "cpu":
+def supports_packed_attention(model: torch.nn.Module, device: torch.device,
+                              autocast_dtype: torch.dtype | None = None) -> bool:
+    """True for a ``transformers`` model with rotary positions whose layers all attend fully
+    (no sliding windows, no attention dropout) through ``config._attn_implementation``, on CPU,
+    or on CUDA under bf16/fp16 autocast where torch has ``varlen_attn``."""
+    if device.type == "cuda":
+        if autocast_dtype not in (torch.bfloat16, torch.float16) or not _has_varlen():
+            return False
+    elif device.type != "cpu":
         return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
@@ -77,8 +85,46 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise ValueError("packed attention does not apply attention dropout; set the model's "
                          "attention_dropout to 0")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = document_attention(query, key, value, position_ids.expand(query.shape[0], -1), scale)
+    position_ids = position_ids.expand(query.shape[0], -1)
+    if query.is_cuda:
+        return varlen_document_attention(query, key, value, position_ids, scale), None
+    out = document_attention(query, key, value, position_ids, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 (torch >= 2.9)
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              position_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """CUDA: causal attention within each document through ``varlen_attn``. Inputs as
+    :func:`document_attention`'s; returns ``[rows, row_len, heads, head_dim]`` (the layout the
+    attention interface returns)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    rows, heads, row_len, head_dim = query.shape
+    dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # [rows, h, len, d] -> [rows * len, h, d]
+        return x.transpose(1, 2).reshape(rows * row_len, x.shape[1], head_dim).to(dtype)
+
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed attention: the position ids do not start at 0")
+    # Every row starts a document (its first position id is 0), so row boundaries are
+    # document boundaries too.
+    cu_seq = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu_seq[1:] - cu_seq[:-1]).max())
+    out = varlen_attn(tokens(query), tokens(key), tokens(value), cu_seq, cu_seq, longest,
+                      longest, scale=scale, window_size=(-1, 0),
+                      enable_gqa=key.shape[1] != heads)
+    return out.reshape(rows, row_len, heads, head_dim).to(query.dtype)
 
 
 # One opaque op for torch.compile: the per-document loop depends on each batch's lengths, which a

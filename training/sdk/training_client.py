@@ -171,7 +171,8 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         # rounding); otherwise rows with block-diagonal masks.
         # (Not under gradient checkpointing: backward recomputes the blocks outside the packed
         # forward's context, with the model's own attention.)
-        self._per_document_attention = supports_packed_attention(model, device) and not any(
+        self._per_document_attention = supports_packed_attention(
+            model, device, autocast_dtype) and not any(
             getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         # Measured on CPU (10M model, d=256): a 416-wide masked row cost 1.10x a 256-wide one
