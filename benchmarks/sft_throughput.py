@@ -101,6 +101,29 @@ def model_dir(model: str) -> str:
              f"nor a local Hugging Face model directory (with config.json)")
 
 
+def _gpu_attention() -> str:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+"""Dense bf16 peak of the cards MFU is computed for (by name), in TFLOP/s."""
+
+
+def parameter_count(model: str) -> int:
+    """Parameters of ``--model`` (a tied embedding counted once: it is the output layer's
+    matmul), from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir(model)))
+    return sum(p.numel() for p in net.parameters())
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -150,7 +173,7 @@ def run_ours(args: argparse.Namespace, compile: bool = False) -> dict:
                     long_row_policy="truncate", epochs=100, max_steps=warmup + args.steps,
                     learning_rate=1e-4, dcp_save_interval=10,
                     infra=InfraConfig(storage_root=f"{tmp}/store", num_threads=args.threads,
-                                      compile=compile)))
+                                      compile=compile, device=args.device)))
         rows = read_metrics(f"{tmp}/run")
     timed = rows[warmup:]
     seconds = timed[-1]["time"] - rows[warmup - 1]["time"]
@@ -173,6 +196,8 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
 
     class Timer(TrainerCallback):
         def on_step_end(self, *_, **__):
+            if args.device != "cpu":
+                torch.cuda.synchronize()  # the step's kernels, not just their launch
             step_times.append(time.perf_counter())
             wall_times.append(time.time())
 
@@ -180,14 +205,20 @@ def run_trl(args: argparse.Namespace, gradient_checkpointing: bool | None) -> di
     sampler = RssSampler()
 
     with tempfile.TemporaryDirectory() as tmp:
-        extra = {} if gradient_checkpointing is None else {
+        extra: dict = {} if gradient_checkpointing is None else {
             "gradient_checkpointing": gradient_checkpointing}
+        if args.device != "cpu" and gradient_checkpointing is False:
+            # TRL's best GPU setting: padding-free batches (one row, position ids restarting
+            # per conversation) with flash attention where installed, else SDPA.
+            extra["padding_free"] = True
+            extra["model_init_kwargs"] = {"attn_implementation": _gpu_attention()}
         config = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.batch_size,
                            max_length=args.max_len, assistant_only_loss=True, bf16=True,
-                           use_cpu=True, max_steps=args.warmup + args.steps,
+                           use_cpu=args.device == "cpu", max_steps=args.warmup + args.steps,
                            learning_rate=1e-4, save_strategy="no", report_to=[],
                            logging_strategy="no", dataloader_num_workers=0, **extra)
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(directory),
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(
+                                 directory, **extra.pop("model_init_kwargs", {})),
                              args=config, processing_class=AutoTokenizer.from_pretrained(
                                  directory),
                              train_dataset=load_dataset("json", data_files=args.data,
@@ -222,19 +253,21 @@ def run_ceiling(args: argparse.Namespace) -> dict:
         stream += tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True,
                                                 return_dict=False)
     width = args.max_len
-    rows = torch.tensor(stream[: len(stream) // width * width]).view(-1, width)
-    model = AutoModelForCausalLM.from_pretrained(directory)
+    rows = torch.tensor(stream[: len(stream) // width * width]).view(-1, width).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(directory).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     times, wall_times = [], []
     sampler = RssSampler()
     for step in range(args.warmup + args.steps):
         start = (step * args.batch_size) % (len(rows) - args.batch_size)
         batch = rows[start:start + args.batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter())
         wall_times.append(time.time())
     seconds = times[-1] - times[args.warmup - 1]
@@ -250,6 +283,10 @@ def run_child(args: argparse.Namespace) -> None:
                "trl-best": lambda a: run_trl(a, False), "ceiling": run_ceiling}
     result = runners[args.contender](args)
     result["peak_rss_mb"] = _peak_rss_mb()
+    if args.device != "cpu":
+        import torch
+
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -265,6 +302,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then also MFU and peak "
+                        "GPU memory; TRL's best setting becomes padding-free)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: by card name)")
     parser.add_argument("--only", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--data-shape", choices=sorted(DATA_SHAPES), default="mixed")
     parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -290,7 +331,8 @@ def main() -> None:
                    "--data-shape", args.data_shape,
                    "--out", str(out), "--model", args.model, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                   "--max-len", str(args.max_len), "--threads", str(args.threads)]
+                   "--max-len", str(args.max_len), "--threads", str(args.threads),
+                   "--device", args.device]
             print(f"round {round_index + 1}/{args.rounds}: {name} ...", flush=True)
             child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if child.returncode != 0:
@@ -312,6 +354,20 @@ def main() -> None:
         print(f"{name:<14} {fastest['tokens_per_s']:>10.0f} {fastest['s_per_step']:>8.3f} "
               f"{min(r['train_peak_mb'] for r in results[name]):>8.0f} "
               f"{fastest['peak_rss_mb']:>8.0f}")
+    if args.device != "cpu":
+        import torch
+
+        card = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card),
+                                        None)
+        params = parameter_count(args.model)
+        print(f"\n{card}: MFU = tokens/s x 6 x {params / 1e6:.0f}M params / "
+              f"{peak or '?'} TFLOP/s (real tokens only; attention FLOPs not counted)")
+        for name in args.only:
+            fastest = max(results[name], key=lambda r: r["tokens_per_s"])
+            mfu = (f"{fastest['tokens_per_s'] * 6 * params / (peak * 1e12):6.1%}" if peak
+                   else "     ?")
+            print(f"{name:<14} MFU {mfu}  peak GPU memory {fastest['gpu_peak_mb']:>8.0f} MB")
     if "ours-compiled" in results:
         print(f"(ours-compiled: {COMPILE_EXTRA_WARMUP} extra untimed warm-up steps; steps "
               f"2-{args.warmup + COMPILE_EXTRA_WARMUP} incl. compiles took "

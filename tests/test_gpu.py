@@ -4,6 +4,8 @@ without vllm for the engine); ``scripts/gpu_check.sh`` runs them with the GPU be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,10 +14,17 @@ from training.sdk.packed_attention import _has_varlen, varlen_document_attention
 
 from .conftest import TEST_MODEL
 
-pytestmark = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_varlen = pytest.mark.skipif(not (torch.cuda.is_available() and _has_varlen()),
-                                  reason="needs a CUDA GPU and torch's varlen_attn")
+REPO = Path(__file__).resolve().parent.parent
+
+def needs_cuda(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA GPU")(test))
+
+
+def needs_varlen(test):
+    return pytest.mark.gpu(pytest.mark.skipif(
+        not (torch.cuda.is_available() and _has_varlen()),
+        reason="needs a CUDA GPU and torch's varlen_attn")(test))
 
 
 def _reference_attention(query, key, value, lengths):
@@ -103,3 +112,16 @@ def test_the_vllm_engine_samples_and_scores_like_the_trainer(store_root, tiny_mo
         expected = scored.loss_fn_outputs[0]["logprobs"].to_torch()[len(prompt) - 1:]
         torch.testing.assert_close(torch.tensor(seq.logprobs), expected.cpu().float(),
                                    atol=0.1, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run of a machine without a GPU")
+def test_gpu_check_says_what_it_skipped_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA GPU here. Skipped:" in done.stdout
+    assert "SKIPPED [1] tests/test_gpu.py" in done.stdout and "5 skipped" in done.stdout
