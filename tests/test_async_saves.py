@@ -100,3 +100,17 @@ def test_rows_of_async_saves_stay_in_step_order(store_root, tiny_model_dir, tmp_
     assert [r["name"] for r in rows] == ["step-1", "step-2"]
     assert row["state_path"] == rows[0]["state_path"]
     assert Path(client.store.state_dir(client.job_id, "step-1")).exists()
+
+
+def test_a_both_save_writes_its_state_in_the_call_without_a_staging_copy(store_root, tmp_path):
+    """A BOTH save (the final one) waits for its state anyway: no staging copy of weights and
+    optimizer is made for it, which at real sizes is what could run out of memory."""
+    client = _client(store_root)
+    _train_step(client)
+    checkpoints = TrainingCheckpoints(client, tmp_path / "run")
+    row = checkpoints.save("final", step=1, data_consumed=4, kind="both")
+    assert row.state_path and row.sampler_path
+    assert client._staging._buffers is None  # nothing was staged
+    checkpoints.save("mid", step=2, data_consumed=8, kind="state")  # STATE: in the background
+    checkpoints.wait()
+    assert client._staging._buffers is not None

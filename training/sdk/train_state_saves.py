@@ -56,7 +56,8 @@ class TrainStateSaves:
     def save_state(self, name: str, ttl_seconds: int | None = None, timeout: float | None = None,
                    user_state: dict[str, Any] | None = None, *,
                    user_metadata: dict[str, str] | None = None,
-                   overwrite: bool | None = None) -> Future[SaveStateResponse]:
+                   overwrite: bool | None = None,
+                   in_background: bool | None = None) -> Future[SaveStateResponse]:
         """Save weights + optimizer (+ ``user_state``) as a DCP checkpoint named ``name``.
 
         ``user_metadata`` (Tinker's) is a dict of strings kept with the checkpoint
@@ -69,9 +70,10 @@ class TrainStateSaves:
         gets its own under torchrun). Gradients accumulated since the last ``optim_step`` are not
         saved. ``timeout`` is accepted for API compatibility.
 
-        With :attr:`async_saves` the call returns at once: a background thread copies the state
-        aside (while the next forward/backward, which only reads the weights, runs; the next
-        ``optim_step`` waits for that copy) and then writes the files; the future
+        With :attr:`async_saves` (or ``in_background=True``; ``False`` writes in the call, with
+        no staging copy of the state) the call returns at once: a background thread copies the
+        state aside (while the next forward/backward, which only reads the weights, runs; the
+        next ``optim_step`` waits for that copy) and then writes the files; the future
         completes when the checkpoint is committed (its ``meta.json`` written), and carries the
         error if the write failed. Until then the checkpoint does not exist for any reader. At
         most one save is in flight: the next save, a load, or :meth:`wait_for_saves` waits.
@@ -112,7 +114,8 @@ class TrainStateSaves:
                              f"{type(e).__name__}: {e}") from e
         # Ranks of a remote store each upload their own files; only a barrier tells rank 0 that
         # all uploads are done, so those saves stay synchronous.
-        if not self.async_saves or (self.world.distributed and not self.store.is_local):
+        background = self.async_saves if in_background is None else in_background
+        if not background or (self.world.distributed and not self.store.is_local):
             try:
                 dcp_call(dcp.save, state, local, what)
                 write_state_checksums(local, self.world.rank)

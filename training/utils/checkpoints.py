@@ -408,9 +408,14 @@ class TrainingCheckpoints:
             if kind.has_state and existing_state_path is not None:
                 row.state_path = existing_state_path
             elif kind.has_state:
+                # A BOTH save waits for its state anyway: written in the call, it needs no
+                # staging copy of weights and optimizer (1.75x the weights in fp32 with AdamW;
+                # what can run a large model out of memory at its final save).
+                waits = {"in_background": False} if kind.has_sampler and getattr(
+                    self.client, "async_saves", False) else {}
                 future = self.client.save_state(name, user_state={
                     "step": step, "data_consumed": data_consumed, "rng": capture_rng_state(),
-                    "recipe": user_state or {}})
+                    "recipe": user_state or {}}, **waits)
                 if not kind.has_sampler and not future.done():
                     self._in_flight.append((future, row, kind))
                     return row
