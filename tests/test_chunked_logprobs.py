@@ -78,8 +78,8 @@ def test_a_training_client_scores_in_chunks_with_the_same_results(store_root, ti
     from training.sdk import packing
 
     chunks = []
-    scored = packing._chunk_logprobs
-    monkeypatch.setattr(packing, "_chunk_logprobs", lambda *a: chunks.append(1) or scored(*a))
+    scored = packing._targets_in  # once per vocabulary chunk, forward and backward
+    monkeypatch.setattr(packing, "_targets_in", lambda *a: chunks.append(1) or scored(*a))
     data = [_datum(list(range(5, 60))), _datum(list(range(100, 131)))]
     results = []
     for max_logits in (None, 2000):  # the test model's vocabulary is ~4k: one position a chunk
@@ -89,9 +89,20 @@ def test_a_training_client_scores_in_chunks_with_the_same_results(store_root, ti
         after = trainer.forward(data).result()
         results.append((out.metrics["loss:sum"], after.metrics["loss:sum"],
                         [o["logprobs"].to_torch() for o in after.loss_fn_outputs]))
-    assert len(chunks) >= 2 * 84  # forward_backward and forward, a position a chunk
+    # ~84 positions: 23 vocabulary columns (of ~4k) a chunk, in forward, backward and forward
+    assert len(chunks) > 3 * 100
     (loss, after, logprobs), (chunked_loss, chunked_after, chunked_logprobs) = results
     assert chunked_loss == pytest.approx(loss, abs=1e-4)
     assert chunked_after == pytest.approx(after, abs=1e-3)
     for ours, reference in zip(chunked_logprobs, logprobs, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+
+def test_under_bf16_autocast_chunks_match_the_whole_batch_to_bf16_precision():
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole, whole_grads = _score(model, max_logits=None)
+        chunked, chunked_grads = _score(model, max_logits=300 * 7)
+    torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=0)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=2e-2, rtol=2e-2, msg=name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,26 +115,94 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
                                 target_ids.reshape(-1), reduction="none").reshape(target_ids.shape)
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = target_ids.reshape(-1)
-    size = max(1, max_logits // vocab)
+    return chunked_logprobs(model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1]),
+                            target_ids.reshape(-1), max_logits).reshape(target_ids.shape)
+
+
+def chunked_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                     max_logits: int) -> torch.Tensor:
+    """``[positions]`` log-probs of ``targets`` under ``head(hidden)`` with at most
+    ``max_logits`` logits in memory at a time.
+
+    A plain output layer (a weight, no bias) is scored over chunks of its vocabulary
+    (:class:`_VocabChunkedLogprobs`): a running log-sum-exp forward, the chunk's logits
+    recomputed in backward, each chunk's weight gradient its own slice, nothing accumulated at
+    full size. Any other head (a LoRA adapter on ``lm_head``) runs over chunks of positions
+    under activation checkpointing instead.
+    """
+    if type(head) is torch.nn.Linear and head.bias is None:
+        device = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device) if device in ("cpu", "cuda")
+                 and torch.is_autocast_enabled(device) else hidden.dtype)
+        columns = max(1, max_logits // max(targets.numel(), 1))
+        return _VocabChunkedLogprobs.apply(hidden, head.weight, targets, columns, dtype)
+    size = max(1, max_logits // head.weight.shape[0])
     pieces = []
     for start in range(0, targets.numel(), size):
         chunk = (head, hidden[start:start + size], targets[start:start + size])
         if torch.is_grad_enabled() and hidden.requires_grad:
-            # Recomputed in backward (under the same autocast): only the chunk's hidden
-            # states are kept, not its logits.
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *chunk,
                                                             use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*chunk))
-    return torch.cat(pieces).reshape(target_ids.shape)
+    return torch.cat(pieces)
 
 
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+class _VocabChunkedLogprobs(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[i, targets[i]]`` over ``columns`` vocabulary entries at
+    a time: matmuls in ``dtype`` (autocast's), log-sum-exp and softmax in fp32, as the
+    whole-batch path computes them."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                columns: int, dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(dtype)
+            lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+            picked = torch.zeros(h.shape[0], device=h.device)
+            for start in range(0, weight.shape[0], columns):
+                logits = (h @ weight[start:start + columns].to(dtype).T).float()
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+                rows, cols = _targets_in(targets, start, logits.shape[1])
+                picked[rows] = logits[rows, cols]
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.columns, ctx.hidden_dtype = columns, hidden.dtype
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        h, weight, targets, lse = ctx.saved_tensors
+        grad = grad.float()
+        grad_hidden = torch.zeros(h.shape, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, weight.shape[0], ctx.columns):
+                chunk = weight[start:start + ctx.columns].to(h.dtype)
+                logits = (h @ chunk.T).float()
+                # d logprob_i / d logit_ij = [j == target_i] - softmax_ij
+                dlogits = torch.exp(logits - lse[:, None]).mul_(-grad[:, None])
+                rows, cols = _targets_in(targets, start, logits.shape[1])
+                dlogits[rows, cols] += grad[rows]
+                dlogits = dlogits.to(h.dtype)
+                if grad_hidden is not None:
+                    grad_hidden += dlogits @ chunk  # [positions, hidden]: small
+                if grad_weight is not None:
+                    grad_weight[start:start + ctx.columns] = dlogits.T @ h
+        return (grad_hidden.to(ctx.hidden_dtype) if grad_hidden is not None else None,
+                grad_weight, None, None, None)
+
+
+def _targets_in(targets: torch.Tensor, start: int, width: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose target falls in vocabulary columns ``[start, start + width)``, and its
+    column within them."""
+    rows = ((targets >= start) & (targets < start + width)).nonzero().flatten()
+    return rows, targets[rows] - start
 
 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
