@@ -234,3 +234,36 @@ def test_bad_preference_rows_fail_before_any_training(tmp_path, recipe):
 def test_bad_config_values_name_the_field(tmp_path, recipe, field, value, match):
     with pytest.raises(ConfigError, match=match):
         recipe.main(_config(tmp_path, recipe=recipe, **{field: value}))
+
+
+def test_dpo_reports_eval_metrics_on_held_out_pairs_and_an_eval_dataset(tmp_path,
+                                                                       reference_clients):
+    from training.utils.metrics import read_metrics
+
+    result = dpo_loop.main(_config(tmp_path, eval_fraction=0.1, eval_every=2, max_steps=4))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert {"eval_loss", "eval_preference_accuracy", "eval_reward_margin"} <= set(rows[1])
+    assert rows[0]["num_pairs"] == 8 and result.steps == 4
+    # At the start the policy is its reference: DPO's loss is log 2 whatever the pair.
+    first = dpo_loop.main(_config(tmp_path, log_name="at-start", eval_fraction=0.1,
+                                  learning_rate=1e-9, max_steps=1))
+    assert first.steps == 1
+    assert read_metrics(tmp_path / "at-start")[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-3)
+    # A separate eval set gets its own cached reference log-probs (one more frozen client).
+    made = len(reference_clients)
+    dpo_loop.main(_config(tmp_path, log_name="eval-set", max_steps=2,
+                          eval_dataset=str(_write_prefs(tmp_path / "eval.jsonl"))))
+    assert len(reference_clients) == made + 1  # the training pairs' cache was reused
+    assert "eval_loss" in read_metrics(tmp_path / "eval-set")[-1]
+
+
+def test_orpo_stops_early_on_its_eval_loss(tmp_path):
+    from training.utils.metrics import read_metrics
+
+    config = dict(recipe=orpo_loop, eval_fraction=0.1, eval_every=1, early_stopping_patience=2,
+                  max_steps=12, learning_rate=0.5)
+    result = orpo_loop.main(_config(tmp_path, **config))
+    assert 2 < result.steps < 12
+    assert all("eval_loss" in r for r in read_metrics(tmp_path / "run"))
+    assert orpo_loop.main(_config(tmp_path, **config)).already_complete

@@ -30,7 +30,15 @@ import torch
 
 from training.sdk import CustomLossFn, Datum, GradAccNormalization
 from training.utils.config import ConfigError, TrainConfig, validate_common
-from training.utils.data import LongRowPolicy, SupervisedDataset
+from training.utils.data import LongRowPolicy, SupervisedDataset, dataset_fingerprint
+from training.utils.evaluation import (
+    EarlyStopping,
+    EvalConfig,
+    eval_due,
+    eval_preference_pairs,
+    hold_out,
+    validate_eval,
+)
 from training.utils.losses import DPOLossType, dpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -48,9 +56,11 @@ from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
-class Config(TrainConfig):
-    """DPO settings: the shared :class:`TrainConfig` fields plus these. The defaults run the
-    embedded demo (tiny model, bundled preference pairs, 150 steps: under a minute on 2 CPU cores)."""
+class Config(TrainConfig, EvalConfig):
+    """DPO settings: the shared :class:`TrainConfig` and :class:`EvalConfig` fields plus these
+    (eval_loss is the DPO loss on the held-out pairs, with their preference accuracy and reward
+    margin). The defaults run the embedded demo (tiny model, bundled preference pairs, 150
+    steps: under a minute on 2 CPU cores)."""
 
     dataset: str = str(SAMPLE_PREFERENCES_PATH)
     """Preference data: a JSONL file or any `datasets` source in one of the three formats.
@@ -72,6 +82,7 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
+    validate_eval(config)
     if not config.beta > 0:
         raise ConfigError(f"beta must be > 0, got {config.beta} (0.1 is the usual start)")
     if config.init_from_checkpoint and config.lora_rank > 0:
@@ -107,25 +118,39 @@ def main(config: Config) -> RunResult:
     pairs = load_preference_pairs(config.dataset, split=config.dataset_split)
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
-    dataset = SupervisedDataset(examples, seed=config.seed)
+    train_examples, eval_examples = hold_out(examples, config.eval_fraction, config.seed)
+    if config.eval_dataset:
+        eval_pairs = load_preference_pairs(config.eval_dataset, split=config.dataset_split)
+        eval_examples, _ = build_preference_examples(eval_pairs, tokenizer, config.max_seq_len,
+                                                     config.long_row_policy)
+    dataset = SupervisedDataset(train_examples, seed=config.seed)
 
     # ---- resume point, or nothing left to do
     with ResumableRun(config, recipe="dpo_loop", dataset=dataset, identity={
             "long_row_policy": config.long_row_policy, "loss_type": config.loss_type,
-            "beta": config.beta}) as run:
+            "beta": config.beta, "eval_fraction": config.eval_fraction,
+            "early_stopping_patience": config.early_stopping_patience}) as run:
         if run.complete_row is not None:
             return run.finish_complete()
         client = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
 
-        # ---- reference log-probs of every pair: from the store's cache, else from a frozen
-        # copy of the starting weights (never from the resumed policy)
+        # ---- reference log-probs of every pair (held-out ones included): from the store's
+        # cache, else from a frozen copy of the starting weights (never the resumed policy)
         fingerprint = run.identity["dataset_fingerprint"]
         reference = load_or_compute_reference_logprobs(
             run.store, reference_identity(config, fingerprint,
                                           long_row_policy=config.long_row_policy),
             examples, lambda: create_starting_point_client(config), config.batch_size)
+        eval_reference = reference
+        if config.eval_dataset:
+            eval_reference = load_or_compute_reference_logprobs(
+                run.store, reference_identity(
+                    config, dataset_fingerprint(config.eval_dataset, config.dataset_split),
+                    long_row_policy=config.long_row_policy),
+                eval_examples, lambda: create_starting_point_client(config), config.batch_size)
 
         # ---- training loop: one optimizer step per batch of pairs
+        early_stopping = EarlyStopping(config.early_stopping_patience, run.user_state)
         for batch in run.batches():
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(
@@ -134,7 +159,16 @@ def main(config: Config) -> RunResult:
             optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=GradAccNormalization.none,
                                       ).result()
-            run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
-                         optim=optim, num_tokens=sum(d.model_input.length for d in datums),
-                         show=("loss", "preference_accuracy", "reward_margin"))
+            metrics = {**fwd_bwd.metrics, "num_pairs": len(batch)}
+            if eval_examples and eval_due(run.step + 1, config.eval_every, run.total_steps):
+                metrics.update(eval_preference_pairs(
+                    client, eval_examples, config.batch_size,
+                    lambda pairs: dpo_objective(*eval_reference.of(pairs), config)))
+                stop = early_stopping.update(metrics["eval_loss"])
+                if stop:
+                    run.stop(stop)
+            run.end_step(metrics, consumed=len(batch), optim=optim,
+                         user_state=early_stopping.state(),
+                         num_tokens=sum(d.model_input.length for d in datums),
+                         show=("loss", "preference_accuracy", "reward_margin", "eval_loss"))
         return run.finish()

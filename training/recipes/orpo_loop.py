@@ -29,6 +29,14 @@ import torch
 from training.sdk import CustomLossFn, Datum, GradAccNormalization
 from training.utils.config import ConfigError, TrainConfig, validate_common
 from training.utils.data import LongRowPolicy, SupervisedDataset
+from training.utils.evaluation import (
+    EarlyStopping,
+    EvalConfig,
+    eval_due,
+    eval_preference_pairs,
+    hold_out,
+    validate_eval,
+)
 from training.utils.losses import orpo_loss
 from training.utils.preference_data import (
     SAMPLE_PREFERENCES_PATH,
@@ -41,9 +49,10 @@ from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
-class Config(TrainConfig):
-    """ORPO settings: the shared :class:`TrainConfig` fields plus these. The defaults run the
-    embedded demo (tiny model, bundled preference pairs)."""
+class Config(TrainConfig, EvalConfig):
+    """ORPO settings: the shared :class:`TrainConfig` and :class:`EvalConfig` fields plus these
+    (eval_loss is the ORPO loss on the held-out pairs). The defaults run the embedded demo
+    (tiny model, bundled preference pairs)."""
 
     dataset: str = str(SAMPLE_PREFERENCES_PATH)
     """Preference data: a JSONL file or any `datasets` source in one of the three formats.
@@ -61,6 +70,7 @@ class Config(TrainConfig):
 
 def validate(config: Config) -> None:
     validate_common(config)
+    validate_eval(config)
     if not config.orpo_lambda > 0:
         raise ConfigError(f"orpo_lambda must be > 0, got {config.orpo_lambda} (the paper uses "
                           f"0.1 to 1)")
@@ -87,18 +97,25 @@ def main(config: Config) -> RunResult:
     pairs = load_preference_pairs(config.dataset, split=config.dataset_split)
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
+    examples, eval_examples = hold_out(examples, config.eval_fraction, config.seed)
+    if config.eval_dataset:
+        eval_pairs = load_preference_pairs(config.eval_dataset, split=config.dataset_split)
+        eval_examples, _ = build_preference_examples(eval_pairs, tokenizer, config.max_seq_len,
+                                                     config.long_row_policy)
     dataset = SupervisedDataset(examples, seed=config.seed)
 
     # ---- resume point, or nothing left to do
     with ResumableRun(config, recipe="orpo_loop", dataset=dataset, identity={
-            "long_row_policy": config.long_row_policy,
-            "orpo_lambda": config.orpo_lambda}) as run:
+            "long_row_policy": config.long_row_policy, "orpo_lambda": config.orpo_lambda,
+            "eval_fraction": config.eval_fraction,
+            "early_stopping_patience": config.early_stopping_patience}) as run:
         if run.complete_row is not None:
             return run.finish_complete()
         client = run.start(summary=f"{len(dataset)} pairs [{stats.summary()}]")
 
         # ---- training loop: one optimizer step per batch of pairs
         loss_fn = orpo_objective(config)
+        early_stopping = EarlyStopping(config.early_stopping_patience, run.user_state)
         for batch in run.batches():
             datums = pair_datums(batch)
             fwd_bwd = client.forward_backward_custom(datums, loss_fn).result()
@@ -106,7 +123,15 @@ def main(config: Config) -> RunResult:
             optim = client.optim_step(run.adam_params(),
                                       grad_accumulation_normalization=GradAccNormalization.none,
                                       ).result()
-            run.end_step({**fwd_bwd.metrics, "num_pairs": len(batch)}, consumed=len(batch),
-                         optim=optim, num_tokens=sum(d.model_input.length for d in datums),
-                         show=("loss", "preference_accuracy", "log_odds_ratio"))
+            metrics = {**fwd_bwd.metrics, "num_pairs": len(batch)}
+            if eval_examples and eval_due(run.step + 1, config.eval_every, run.total_steps):
+                metrics.update(eval_preference_pairs(client, eval_examples, config.batch_size,
+                                                     lambda _: loss_fn))
+                stop = early_stopping.update(metrics["eval_loss"])
+                if stop:
+                    run.stop(stop)
+            run.end_step(metrics, consumed=len(batch), optim=optim,
+                         user_state=early_stopping.state(),
+                         num_tokens=sum(d.model_input.length for d in datums),
+                         show=("loss", "preference_accuracy", "log_odds_ratio", "eval_loss"))
         return run.finish()

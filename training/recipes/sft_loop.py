@@ -27,13 +27,21 @@ from training.utils.data import (
     example_to_datum,
     load_chat_rows,
 )
-from training.utils.evaluation import EarlyStopping, eval_due, eval_loss, hold_out
+from training.utils.evaluation import (
+    EarlyStopping,
+    EvalConfig,
+    eval_due,
+    eval_loss,
+    hold_out,
+    validate_eval,
+)
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
 
 @dataclass(kw_only=True)
-class Config(TrainConfig):
-    """SFT settings: the shared :class:`TrainConfig` fields plus these."""
+class Config(TrainConfig, EvalConfig):
+    """SFT settings: the shared :class:`TrainConfig` and :class:`EvalConfig` fields plus
+    these."""
 
     dataset: str = str(SAMPLE_CHATS_PATH)
     """Training rows: a JSONL file or any `datasets` source (a save_to_disk directory, a
@@ -43,39 +51,16 @@ class Config(TrainConfig):
     long_row_policy: LongRowPolicy = LongRowPolicy.drop
     """Rows over max_seq_len: 'drop' (counted), 'truncate' or 'error' (names file:line)."""
     grad_accumulation_normalization: GradAccNormalization = GradAccNormalization.num_loss_tokens
-    eval_dataset: str | None = None
-    """Rows to report the validation loss on (same formats as dataset); default: none, or the
-    eval_fraction held out of dataset."""
-    eval_fraction: float = 0.0
-    """Without eval_dataset: this fraction of the training rows, drawn by seed, is held out
-    for validation instead of trained on (0 = none)."""
-    eval_every: int = 0
-    """Report eval_loss (metrics.jsonl) every this many steps, and always at the last step;
-    0: at the last step only. Needs eval_dataset or eval_fraction."""
-    early_stopping_patience: int = 0
-    """Stop when eval_loss has not improved for this many evaluations in a row (0 = never);
-    the final checkpoint is then at that step, and a rerun reports the run complete."""
+    """'num_loss_tokens' (mean over trained tokens), 'num_sequences' or 'none'."""
     grad_accumulation_steps: int = 1
     """Run each batch as this many forward_backward calls before its optim_step: activations
     of one part at a time (a big batch in less memory), the same update up to float summation
     order (with num_loss_tokens or num_sequences normalization)."""
-    """'num_loss_tokens' (mean over trained tokens), 'num_sequences' or 'none'."""
 
 
 def validate(config: Config) -> None:
     validate_common(config)
-    if config.early_stopping_patience < 0:
-        raise ConfigError(f"early_stopping_patience must be >= 0, got "
-                          f"{config.early_stopping_patience}")
-    if config.early_stopping_patience and not (config.eval_dataset or config.eval_fraction):
-        raise ConfigError("early_stopping_patience needs a validation set: set eval_dataset or "
-                          "eval_fraction (and eval_every)")
-    if config.eval_every < 0:
-        raise ConfigError(f"eval_every must be >= 0, got {config.eval_every}")
-    if config.eval_dataset and config.eval_fraction:
-        raise ConfigError("set eval_dataset or eval_fraction, not both")
-    if not 0 <= config.eval_fraction < 1:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    validate_eval(config)
     if not 1 <= config.grad_accumulation_steps <= config.batch_size:
         raise ConfigError(f"grad_accumulation_steps must be between 1 and batch_size "
                           f"({config.batch_size}), got {config.grad_accumulation_steps}")

@@ -7,12 +7,51 @@ the same validation loss an uninterrupted one would), and evaluation only reads 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
-__all__ = ["EarlyStopping", "eval_due", "eval_loss", "hold_out"]
+from training.utils.config import ConfigError
+
+__all__ = ["EarlyStopping", "EvalConfig", "eval_due", "eval_loss", "eval_preference_pairs",
+           "hold_out", "validate_eval"]
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Validation fields of the recipes that have them (SFT, DPO, ORPO)."""
+
+    eval_dataset: str | None = None
+    """Rows to report the validation loss on (same formats as dataset); default: none, or the
+    eval_fraction held out of dataset."""
+    eval_fraction: float = 0.0
+    """Without eval_dataset: this fraction of the training rows, drawn by seed, is held out
+    for validation instead of trained on (0 = none)."""
+    eval_every: int = 0
+    """Report eval_loss (metrics.jsonl) every this many steps, and always at the last step;
+    0: at the last step only. Needs eval_dataset or eval_fraction."""
+    early_stopping_patience: int = 0
+    """Stop when eval_loss has not improved for this many evaluations in a row (0 = never);
+    the final checkpoint is then at that step, and a rerun reports the run complete."""
+
+
+def validate_eval(config: EvalConfig) -> None:
+    """The checks of :class:`EvalConfig`'s fields, naming the field."""
+    if config.early_stopping_patience < 0:
+        raise ConfigError(f"early_stopping_patience must be >= 0, got "
+                          f"{config.early_stopping_patience}")
+    if config.early_stopping_patience and not (config.eval_dataset or config.eval_fraction):
+        raise ConfigError("early_stopping_patience needs a validation set: set eval_dataset or "
+                          "eval_fraction (and eval_every)")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0, got {config.eval_every}")
+    if config.eval_dataset and config.eval_fraction:
+        raise ConfigError("set eval_dataset or eval_fraction, not both")
+    if not 0 <= config.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
 
 ExampleT = TypeVar("ExampleT")
 
@@ -56,6 +95,28 @@ def eval_loss(client: Any, datums: Sequence[Any], batch_size: int,
         loss_sum += out.metrics["loss:sum"]
         tokens += out.metrics["num_loss_tokens"]
     return loss_sum / max(tokens, 1.0)
+
+
+def eval_preference_pairs(client: Any, examples: Sequence[Any], batch_size: int,
+                          loss_for: Callable[[Sequence[Any]], Callable[..., Any]],
+                          ) -> dict[str, float]:
+    """A preference recipe's loss and metrics on held-out pairs, prefixed ``eval_``: each
+    batch's chosen and rejected sequences scored by ``forward`` (no gradients, no update) and
+    handed to ``loss_for(batch)``, the recipe's own ``forward_backward_custom`` loss; the
+    values are means over pairs."""
+    from training.utils.preference_data import pair_datums
+
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = list(examples[start:start + batch_size])
+        datums = pair_datums(batch)
+        output = client.forward(datums).result()
+        logprobs = [o["logprobs"].to_torch().float() for o in output.loss_fn_outputs]
+        with torch.no_grad():
+            loss, metrics = loss_for(batch)(datums, logprobs)
+        for key, value in {"loss": float(loss), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(batch)
+    return {f"eval_{key}": value / max(len(examples), 1) for key, value in totals.items()}
 
 
 class EarlyStopping:
