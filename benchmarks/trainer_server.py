@@ -97,7 +97,7 @@ def _private_base(name, store=None, dtype=None, device="cpu"):
 
 def memory(args: argparse.Namespace, store: str) -> dict[tuple[bool, int], dict]:
     figures = {}
-    for shared in (True, False):
+    for shared in (True, False) if not args.shared_only else (True,):
         for n in (1, 4, 8):
             out = subprocess.run(
                 [sys.executable, __file__, "--memory-child", str(n), "--model", args.model,
@@ -194,6 +194,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the memory figures")
     parser.add_argument("--only", choices=["memory", "latency"], help="run one part")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="memory with the shared base only (a private base per adapter "
+                             "needs 8 copies of it: too much for a real size on a small machine)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
@@ -229,6 +232,8 @@ def print_memory(args: argparse.Namespace, figures: dict[tuple[bool, int], dict]
           f"adapter {adapter:.2f} MB ({adapter / base:.3f} of the base; with its AdamW moments "
           f"{3 * adapter:.2f} MB)")
     for shared in (True, False):
+        if (shared, 1) not in figures:
+            continue
         label = "shared base  " if shared else "private bases"
         tensor = {n: figures[(shared, n)]["tensor_mb"] for n in (1, 4, 8)}
         rss = {n: figures[(shared, n)]["rss_mb"] for n in (1, 4, 8)}
