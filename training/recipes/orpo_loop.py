@@ -32,9 +32,8 @@ from training.utils.data import LongRowPolicy, SupervisedDataset
 from training.utils.evaluation import (
     EarlyStopping,
     EvalConfig,
-    eval_due,
     eval_preference_pairs,
-    hold_out,
+    evaluate_if_due,
     validate_eval,
 )
 from training.utils.losses import orpo_loss
@@ -44,6 +43,7 @@ from training.utils.preference_data import (
     load_preference_pairs,
     pair_datums,
     sequence_logprobs,
+    split_eval_pairs,
 )
 from training.utils.run import ResumableRun, RunResult, load_run_tokenizer
 
@@ -97,11 +97,7 @@ def main(config: Config) -> RunResult:
     pairs = load_preference_pairs(config.dataset, split=config.dataset_split)
     examples, stats = build_preference_examples(pairs, tokenizer, config.max_seq_len,
                                                 config.long_row_policy)
-    examples, eval_examples = hold_out(examples, config.eval_fraction, config.seed)
-    if config.eval_dataset:
-        eval_pairs = load_preference_pairs(config.eval_dataset, split=config.dataset_split)
-        eval_examples, _ = build_preference_examples(eval_pairs, tokenizer, config.max_seq_len,
-                                                     config.long_row_policy)
+    examples, eval_examples = split_eval_pairs(examples, tokenizer, config)
     dataset = SupervisedDataset(examples, seed=config.seed)
 
     # ---- resume point, or nothing left to do
@@ -124,12 +120,10 @@ def main(config: Config) -> RunResult:
                                       grad_accumulation_normalization=GradAccNormalization.none,
                                       ).result()
             metrics = {**fwd_bwd.metrics, "num_pairs": len(batch)}
-            if eval_examples and eval_due(run.step + 1, config.eval_every, run.total_steps):
-                metrics.update(eval_preference_pairs(client, eval_examples, config.batch_size,
-                                                     lambda _: loss_fn))
-                stop = early_stopping.update(metrics["eval_loss"])
-                if stop:
-                    run.stop(stop)
+            if eval_examples:
+                metrics.update(evaluate_if_due(run, config, early_stopping, lambda: (
+                    eval_preference_pairs(client, eval_examples, config.batch_size,
+                                          lambda _: loss_fn))))
             run.end_step(metrics, consumed=len(batch), optim=optim,
                          user_state=early_stopping.state(),
                          num_tokens=sum(d.model_input.length for d in datums),

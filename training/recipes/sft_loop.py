@@ -30,8 +30,8 @@ from training.utils.data import (
 from training.utils.evaluation import (
     EarlyStopping,
     EvalConfig,
-    eval_due,
     eval_loss,
+    evaluate_if_due,
     hold_out,
     validate_eval,
 )
@@ -106,11 +106,9 @@ def main(config: Config) -> RunResult:
             loss_sum = sum(p.metrics["loss:sum"] for p in parts)
             loss_tokens = sum(p.metrics["num_loss_tokens"] for p in parts)
             metrics = {"loss": loss_sum / max(loss_tokens, 1), "num_loss_tokens": loss_tokens}
-            if eval_datums and eval_due(run.step + 1, config.eval_every, run.total_steps):
-                metrics["eval_loss"] = eval_loss(client, eval_datums, config.batch_size)
-                stop = early_stopping.update(metrics["eval_loss"])
-                if stop:
-                    run.stop(stop)
+            if eval_datums:
+                metrics.update(evaluate_if_due(run, config, early_stopping, lambda: {
+                    "eval_loss": eval_loss(client, eval_datums, config.batch_size)}))
             run.end_step(metrics, user_state=early_stopping.state(),
                          consumed=len(batch), optim=optim,
                          num_tokens=sum(d.model_input.length for d in datums),

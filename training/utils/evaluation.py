@@ -17,7 +17,7 @@ import torch
 from training.utils.config import ConfigError
 
 __all__ = ["EarlyStopping", "EvalConfig", "eval_due", "eval_loss", "eval_preference_pairs",
-           "hold_out", "validate_eval"]
+           "evaluate_if_due", "hold_out", "validate_eval"]
 
 
 @dataclass(kw_only=True)
@@ -117,6 +117,20 @@ def eval_preference_pairs(client: Any, examples: Sequence[Any], batch_size: int,
         for key, value in {"loss": float(loss), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * len(batch)
     return {f"eval_{key}": value / max(len(examples), 1) for key, value in totals.items()}
+
+
+def evaluate_if_due(run: Any, config: EvalConfig, early_stopping: EarlyStopping,
+                    evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The step's validation metrics (``evaluate()``, which holds ``eval_loss``) when the step
+    now running is due for one, else none; ends the run after it (``run.stop``) when early
+    stopping says so."""
+    if not eval_due(run.step + 1, config.eval_every, run.total_steps):
+        return {}
+    metrics = evaluate()
+    stop = early_stopping.update(metrics["eval_loss"])
+    if stop:
+        run.stop(stop)
+    return metrics
 
 
 class EarlyStopping:

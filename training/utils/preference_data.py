@@ -338,6 +338,21 @@ def build_preference_examples(pairs: Sequence[PreferencePair], tokenizer: Any, m
     return examples, stats
 
 
+def split_eval_pairs(examples: Sequence[PreferenceExample], tokenizer: Any, config: Any,
+                     ) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """``(train, eval)`` pairs of a run with :class:`~training.utils.evaluation.EvalConfig`
+    fields: ``config.eval_fraction`` of ``examples`` held out by seed, or every pair of
+    ``config.eval_dataset`` (built like the training pairs); no eval pairs without either."""
+    from training.utils.evaluation import hold_out
+
+    train, held = hold_out(examples, config.eval_fraction, config.seed)
+    if config.eval_dataset:
+        pairs = load_preference_pairs(config.eval_dataset, split=config.dataset_split)
+        held, _ = build_preference_examples(pairs, tokenizer, config.max_seq_len,
+                                            config.long_row_policy)
+    return train, held
+
+
 # ---------------------------------------------------------------------------------------------
 # Datums and sequence log-probabilities
 
