@@ -13,6 +13,8 @@
 #   bash scripts/gpu_check.sh                  # from the repository root
 #   PYTHON=python3 bash scripts/gpu_check.sh   # another interpreter than .venv/bin/python
 #   GPU_CHECK_OUT=/tmp/out bash scripts/gpu_check.sh   # also keep the logs there
+# On a machine that cannot reach a package index, run scripts/gpu_wheels.sh first where pip
+# can, and bring .whl/ along: this script installs it when the interpreter lacks the packages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,13 +22,24 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${GPU_CHECK_OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The files holding GPU-marked tests (collecting the whole suite would import test-only
+# packages a GPU image may not have).
+GPU_TESTS="tests/test_gpu.py tests/test_deployments.py tests/test_distributed.py"
+# On a machine without a package index: the wheels scripts/gpu_wheels.sh fetched, installed
+# beside the image's own packages (first on PYTHONPATH; nothing of the image is changed), when
+# this interpreter lacks them.
+if [ -d .whl ] && ! "$PY" -c "import tinker, hydra, datasets" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/homefire-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/homefire-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 card=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>/dev/null)
 if [ -z "$card" ]; then
     echo "gpu_check: no CUDA GPU here. Skipped:"
     echo "  - the GPU tests (their reasons below),"
     echo "  - the throughput benchmark at the qwen3-0.6b shape on the GPU (tokens/s, MFU, peak GPU memory)."
-    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests 2>&1 | grep -E "SKIPPED|passed|skipped|deselected"
+    "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider $GPU_TESTS 2>&1 | grep -E "SKIPPED|passed|skipped|deselected"
     exit 0
 fi
 echo "gpu_check on: $card ($(nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader 2>/dev/null))"
@@ -34,7 +47,7 @@ echo "gpu_check on: $card ($(nvidia-smi --query-gpu=memory.total,driver_version 
 
 status=0
 echo "== 1/2 GPU tests"
-timeout 300 "$PY" -m pytest -m gpu -q -rs -x -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 300 "$PY" -m pytest -m gpu -q -rs -x -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 2/2 SFT throughput, qwen3-0.6b shape, on the GPU"

@@ -125,3 +125,13 @@ def test_gpu_check_says_what_it_skipped_without_a_gpu():
     assert done.returncode == 0, done.stderr
     assert "no CUDA GPU here. Skipped:" in done.stdout
     assert "SKIPPED [1] tests/test_gpu.py" in done.stdout and "5 skipped" in done.stdout
+
+
+def test_gpu_check_runs_every_file_with_gpu_tests():
+    import re
+
+    script = (REPO / "scripts" / "gpu_check.sh").read_text()
+    listed = set(re.search(r'GPU_TESTS="([^"]+)"', script).group(1).split())
+    marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
+              if "mark.gpu" in p.read_text() and p.name != "test_gpu.py"} | {"tests/test_gpu.py"}
+    assert listed == marked
