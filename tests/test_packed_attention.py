@@ -146,3 +146,27 @@ def test_cuda_attends_per_document_only_under_half_precision_autocast(tiny_model
     assert supports_packed_attention(model, cuda, torch.float16)
     assert not supports_packed_attention(model, cuda, None)  # flash attention has no fp32
     assert supports_packed_attention(model, torch.device("cpu"))
+
+
+def test_wide_heads_attend_in_bf16_and_match_the_fp32_reference():
+    """head_dim > 64 under bf16 runs the kernels in bf16 (faster there); values and gradients
+    stay within bf16's precision of the fp32 computation."""
+    from training.sdk.packed_attention import _compute_dtype, document_attention
+
+    torch.manual_seed(0)
+    lengths = [40, 25, 31]
+    query = torch.randn(1, 8, sum(lengths), 128)
+    key, value = torch.randn(1, 2, sum(lengths), 128), torch.randn(1, 2, sum(lengths), 128)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert _compute_dtype(query.bfloat16()) == torch.bfloat16
+    assert _compute_dtype(query) == torch.float32
+    assert _compute_dtype(query[..., :64].bfloat16()) == torch.float32
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (query, key, value))
+        out = document_attention(q, k, v, positions, 128 ** -0.5)
+        assert out.dtype == dtype
+        out.float().sum().backward()
+        results.append((out.float(), *(t.grad.float() for t in (q, k, v))))
+    for ours, reference in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, reference, atol=5e-2, rtol=5e-2)
