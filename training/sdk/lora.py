@@ -159,7 +159,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float | None = None,
                         fan_in_fan_out=conv1d)
     try:
         with warnings.catch_warnings():
-            # peft 0.18 asks transformers 5 the deprecated name; noise in every run's log.
+            # peft asks transformers 5 by the deprecated name: noise in every run's log.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             return get_peft_model(model, config)

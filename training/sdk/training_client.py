@@ -409,7 +409,15 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
             grad_norm = float(total) / denominator
         loss_scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
         grad_norm /= loss_scale
-        fp16 = {"loss_scale": loss_scale} if self.loss_scale is not None else {}
+
+        def result(non_finite: bool, **fp16: float) -> Future[OptimStepResponse]:
+            if self.loss_scale is not None:
+                fp16 = {"loss_scale": loss_scale, **fp16}
+            return _done(OptimStepResponse(metrics={
+                "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
+                "step": float(self._step), "normalized_by": float(denominator),
+                "non_finite": float(non_finite), **fp16}))
+
         if not math.isfinite(grad_norm):
             # One NaN/inf gradient would make every weight and Adam moment NaN for good.
             self.model.zero_grad(set_to_none=True)
@@ -418,16 +426,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
             if self.loss_scale is not None and self.loss_scale.overflowed():
                 logger.info("job %s: fp16 gradient overflow at loss scale %g; update skipped, "
                             "scale now %g", self.job_id, loss_scale, self.loss_scale.scale)
-                return _done(OptimStepResponse(metrics={
-                    "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
-                    "step": float(self._step), "normalized_by": float(denominator),
-                    "non_finite": 0.0, "overflow": 1.0, "loss_scale": self.loss_scale.scale}))
+                return result(False, overflow=1.0, loss_scale=self.loss_scale.scale)
             logger.warning("job %s: the gradient norm is %s; the update was skipped (weights "
                            "unchanged at step %d)", self.job_id, grad_norm, self._step)
-            return _done(OptimStepResponse(metrics={
-                "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
-                "step": float(self._step), "normalized_by": float(denominator),
-                "non_finite": 1.0, **fp16}))
+            return result(True)
         scale = 1.0 / (denominator * loss_scale)
         if 0 < adam_params.grad_clip_norm < grad_norm:
             scale *= adam_params.grad_clip_norm / (grad_norm + 1e-6)
@@ -446,13 +448,10 @@ class TrainingClient(ForwardPasses, TrainStateSaves, SamplerSaves, AwaitableSelf
         self._step += 1
         self._pending_backward = False
         self._pending_loss_tokens = self._pending_sequences = 0
-        if self.loss_scale is not None:
-            self.loss_scale.stepped()
-            fp16["overflow"] = 0.0
-        return _done(OptimStepResponse(metrics={
-            "grad_norm": grad_norm, "learning_rate": adam_params.learning_rate,
-            "step": float(self._step), "normalized_by": float(denominator),
-            "non_finite": 0.0, **fp16}))
+        if self.loss_scale is None:
+            return result(False)
+        self.loss_scale.stepped()
+        return result(False, overflow=0.0)
 
     # ---------------------------------------------------------------- train state (DCP)
 
