@@ -13,6 +13,7 @@ from training.sdk import AdamParams, Datum, ModelInput, SamplingParams, ServiceC
 from training.sdk.packed_attention import _has_varlen, varlen_document_attention
 
 from .conftest import TEST_MODEL
+from .test_training_client import _datum, _train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,12 +95,7 @@ def test_the_vllm_engine_samples_and_scores_like_the_trainer(store_root, tiny_mo
     trainer = service.create_training_client(TEST_MODEL, lora_rank=8)
     manager = DeploymentManager(service.store, engine="vllm")
     deployment = manager.create_deployment(TEST_MODEL, "gpu-check")
-    tokens = list(range(3, 40))
-    datum = Datum(model_input=ModelInput.from_ints(tokens[:-1]),
-                  loss_fn_inputs={"target_tokens": tokens[1:]})
-    for _ in range(3):
-        trainer.forward_backward([datum]).result()
-        trainer.optim_step(AdamParams(learning_rate=5e-2)).result()
+    _train(trainer, [_datum(list(range(3, 40)))], 3, lr=5e-2)
     manager.hotload("gpu-check", trainer.save_weights_for_sampler_ext("lora-1").path)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
     out = deployment.sample(prompts, SamplingParams(max_tokens=8, temperature=0.0),
